@@ -1,0 +1,229 @@
+"""Write a bundle: export, quantize, validate and describe each model, then publish atomically.
+
+Everything is written into a temporary sibling directory of the output and renamed into place only when
+every model has passed validation, so an interrupted or failed export never leaves a partial bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import errno
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from specreason_rt.manifest import (
+    MANIFEST_NAME,
+    PRECISIONS,
+    ROLES,
+    Architecture,
+    Generation,
+    Manifest,
+    ModelEntry,
+    sha256_file,
+)
+
+from .errors import ExportError
+from .onnx_export import EXTERNAL_DATA_BYTES, KV_NAMES, export_onnx
+from .progress import Progress
+from .quantize import quantize
+from .sources import Source, load_source
+from .validate import DEFAULT_TOLERANCES, Tolerance, validate
+
+# Generic prompts of different lengths for validating models trained on natural text.
+TEXT_PROMPTS = (
+    "The capital of France is",
+    "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    speculator: str = "speculator"
+    verifier: str = "verifier"
+    out: Path = Path("specreason-bundle")
+    precision: str = "fp32"
+    force: bool = False
+    step_delimiter: str = "\n\n"
+    decode_steps: int = 8
+    max_logit_diff: float | None = None  # None: the precision's default tolerance
+    min_agreement: float | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.decode_steps < 8:
+            raise ExportError(f"--decode-steps must be >= 8 (got {self.decode_steps})")
+        if not self.step_delimiter:
+            raise ExportError("--step-delimiter must not be empty")
+
+    def tolerance(self) -> Tolerance:
+        base = DEFAULT_TOLERANCES[self.precision]
+        return Tolerance(
+            max_abs_logit_diff=self.max_logit_diff if self.max_logit_diff is not None else base.max_abs_logit_diff,
+            min_greedy_agreement=self.min_agreement if self.min_agreement is not None else base.min_greedy_agreement,
+        )
+
+
+def _tool_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("specreason-rt", "torch", "transformers", "onnx", "onnxruntime", "gguf", "tokenizers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _validation_prompts(src: Source) -> list[list[int]]:
+    if src.kind == "builtin":
+        from specreason_models import validation_prompts
+
+        texts = validation_prompts()
+    else:
+        texts = list(TEXT_PROMPTS)
+    prompts = [src.tokenizer(t)["input_ids"] for t in texts]
+    if len({len(p) for p in prompts}) < 2:
+        raise ExportError("validation prompts tokenize to equal lengths; cannot check ragged batches")
+    return prompts
+
+
+def _generation(src: Source, step_delimiter: str) -> Generation:
+    tok, gen_cfg = src.tokenizer, getattr(src.model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if eos is None:
+        eos = tok.eos_token_id
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None)
+    if not eos_ids:
+        raise ExportError(f"{src.ident}: the model defines no end-of-sequence token; the runtime needs one")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    return Generation(bos_id=tok.bos_token_id, eos_ids=eos_ids, pad_id=int(pad),
+                      chat_template=getattr(tok, "chat_template", None), step_delimiter=step_delimiter)
+
+
+def _architecture(model: Any) -> Architecture:
+    cfg = model.config
+    return Architecture(
+        family=cfg.model_type, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+        heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        vocab_size=cfg.vocab_size, max_context=cfg.max_position_embeddings,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _tokenizer_signature(tokenizer_json: Path) -> str:
+    """What decides token ids: the model (vocab, merges), added tokens, normalizer and pre-tokenizer."""
+    data = json.loads(tokenizer_json.read_text())
+    keys = ("model", "added_tokens", "normalizer", "pre_tokenizer")
+    return json.dumps({k: data.get(k) for k in keys}, sort_keys=True)
+
+
+def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> ModelEntry:
+    role_dir = tmp / role
+    role_dir.mkdir()
+    arch = _architecture(src.model)
+    external = arch.parameters * 4 > EXTERNAL_DATA_BYTES
+    fp32_path = role_dir / "model.onnx" if opts.precision == "fp32" else tmp / f".{role}-fp32" / "model.onnx"
+    fp32_path.parent.mkdir(exist_ok=True)
+    with progress.stage(f"{role}: export ONNX graph ({arch.family}, {arch.layers} layers, "
+                        f"{arch.parameters / 1e6:.1f}M parameters)"):
+        io = export_onnx(model=src.model, out_path=fp32_path)
+    if opts.precision != "fp32":
+        with progress.stage(f"{role}: quantize weights to {opts.precision}"):
+            quantize(src=fp32_path, dst=role_dir / "model.onnx", precision=opts.precision, external_data=external)
+        shutil.rmtree(fp32_path.parent)
+    with progress.stage(f"{role}: validate against PyTorch ({opts.decode_steps} decode steps, ragged batch)"):
+        report = validate(model=src.model, onnx_path=role_dir / "model.onnx", prompts=_validation_prompts(src),
+                          precision=opts.precision, decode_steps=opts.decode_steps, tolerance=opts.tolerance())
+        progress.info(f"max |logit diff| {report['max_abs_logit_diff']:.2e}, greedy agreement "
+                      f"{report['greedy_agreement']:.0%} over {report['greedy_positions_checked']} positions")
+    if not report["passed"]:
+        tol = report["tolerance"]
+        raise ExportError(
+            f"{role} failed validation: max |logit diff| {report['max_abs_logit_diff']:.3g} "
+            f"(limit {tol['max_abs_logit_diff']}), greedy agreement {report['greedy_agreement']:.1%} "
+            f"(minimum {tol['min_greedy_agreement']:.0%}); no bundle written. Try a higher precision, or "
+            "loosen --max-logit-diff / --min-agreement if the difference is expected")
+    src.tokenizer.save_pretrained(str(role_dir))
+    return ModelEntry(
+        role=role, file=f"{role}/model.onnx", precision=opts.precision, architecture=arch, io=io,
+        kv_cache={"layout": ["branches", "kv_heads", "tokens", "head_dim"], "dtype": "float32",
+                  "outputs": "new tokens only; the runtime writes them into its cache", **KV_NAMES},
+        tokenizer=f"{role}/tokenizer.json", generation=_generation(src, opts.step_delimiter),
+        source={"kind": src.kind, "id": src.ident, "files": src.file_hashes}, validation=report,
+    )
+
+
+def _check_free_space(parent: Path, sources: list[Source], precision: str) -> None:
+    # The fp32 graph is written first even for quantized bundles, so count it fully.
+    need = sum(sum(p.numel() for p in s.model.parameters()) * 4 for s in sources)
+    need = int(need * (1.5 if precision != "fp32" else 1.1)) + (16 << 20)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ExportError(f"not enough disk space in {parent}: the bundle needs about {need >> 20} MiB, "
+                          f"{free >> 20} MiB are free; free some space or pass another --out")
+
+
+def write_bundle(opts: ExportOptions) -> Manifest:
+    """Export both roles into opts.out; raise ExportError (leaving nothing behind) on any problem."""
+    out = opts.out.expanduser().absolute()
+    if out.exists() and not opts.force:
+        raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if not out.parent.is_dir():
+        raise ExportError(f"{out.parent} does not exist; create it or choose another --out")
+    progress = Progress(total=2 + 2 * (3 if opts.precision != "fp32" else 2) + 1, enabled=opts.show_progress)
+    sources: dict[str, Source] = {}
+    for role, spec in (("speculator", opts.speculator), ("verifier", opts.verifier)):
+        with progress.stage(f"{role}: load {spec}"):
+            # The same source for both roles (a self-speculation smoke test) is loaded once.
+            same = [s for r, s in sources.items() if getattr(opts, r) == spec]
+            sources[role] = same[0] if same else load_source(spec)
+    _check_free_space(out.parent, list(sources.values()), opts.precision)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        entries = {role: _export_role(role=role, src=sources[role], tmp=tmp, opts=opts, progress=progress)
+                   for role in ROLES}
+        with progress.stage("write manifest and publish the bundle"):
+            shared = (_tokenizer_signature(tmp / entries["speculator"].tokenizer)
+                      == _tokenizer_signature(tmp / entries["verifier"].tokenizer))
+            if not shared:
+                progress.info("speculator and verifier tokenize differently: the runtime will hand text across")
+            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            manifest = Manifest(
+                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                precision=opts.precision, tokenizers_shared=shared, tools=_tool_versions(), files=files,
+                models=entries,
+            )
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+            _publish(tmp, out)
+        return manifest
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ExportError(f"no space left on the device while writing the bundle under {out.parent}; "
+                              "free some space or pass another --out (nothing was written)") from e
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary directory to `out`, replacing an old bundle only at the very end."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()

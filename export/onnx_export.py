@@ -1,0 +1,82 @@
+"""Trace BranchDecoder to ONNX and describe its IO for the manifest."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .graph import BranchDecoder
+
+OPSET = 17
+# ONNX protobuf files cannot exceed 2 GiB; past this size the weights go to an external data file.
+EXTERNAL_DATA_BYTES = 1 << 30
+KV_NAMES = {"past_key": "past_key.{}", "past_value": "past_value.{}",
+            "new_key": "new_key.{}", "new_value": "new_value.{}"}
+
+
+def io_spec(*, layers: int, kv_heads: int, head_dim: int, vocab: int) -> dict[str, list[dict[str, Any]]]:
+    """The graph's inputs and outputs with symbolic dims, exactly as recorded in the manifest."""
+    kv_past = ["branches", kv_heads, "past_tokens", head_dim]
+    kv_new = ["branches", kv_heads, "new_tokens", head_dim]
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["branches", "new_tokens"]},
+        {"name": "position_ids", "dtype": "int64", "shape": ["branches", "new_tokens"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["branches", "total_tokens"]},
+        {"name": "logits_index", "dtype": "int64", "shape": ["branches", "logit_positions"]},
+    ]
+    inputs += [{"name": KV_NAMES["past_key"].format(i), "dtype": "float32", "shape": kv_past} for i in range(layers)]
+    inputs += [{"name": KV_NAMES["past_value"].format(i), "dtype": "float32", "shape": kv_past}
+               for i in range(layers)]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["branches", "logit_positions", vocab]}]
+    outputs += [{"name": KV_NAMES["new_key"].format(i), "dtype": "float32", "shape": kv_new} for i in range(layers)]
+    outputs += [{"name": KV_NAMES["new_value"].format(i), "dtype": "float32", "shape": kv_new}
+                for i in range(layers)]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def export_onnx(*, model: Any, out_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Write `model` (a transformers Llama-family CausalLM) as an fp32 ONNX graph; return its IO spec."""
+    import torch
+
+    decoder = BranchDecoder(model).eval()
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+    spec = io_spec(layers=layers, kv_heads=decoder.kv_heads, head_dim=decoder.head_dim, vocab=cfg.vocab_size)
+
+    # Trace with past > 0 and new > 1 so no dimension is specialised to 0 or 1.
+    branches, new, past = 2, 3, 2
+    ids = torch.zeros((branches, new), dtype=torch.int64)
+    pos = torch.arange(past, past + new).repeat(branches, 1)
+    mask = torch.ones((branches, past + new), dtype=torch.int64)
+    index = torch.zeros((branches, 1), dtype=torch.int64)
+    kv = [torch.zeros((branches, decoder.kv_heads, past, decoder.head_dim)) for _ in range(2 * layers)]
+
+    dynamic_axes: dict[str, dict[int, str]] = {}
+    for tensor in spec["inputs"] + spec["outputs"]:
+        dynamic_axes[tensor["name"]] = {axis: d for axis, d in enumerate(tensor["shape"]) if isinstance(d, str)}
+
+    n_params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy (TorchScript) exporter is deliberate: it traces our explicit forward with plain ops and
+        # dynamic axes; the tracer warnings about Python ints in shapes are expected and harmless here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            decoder, (ids, pos, mask, index, *kv), str(out_path), dynamo=False, opset_version=OPSET,
+            input_names=[t["name"] for t in spec["inputs"]],
+            output_names=[t["name"] for t in spec["outputs"]],
+            dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+    if n_params * 4 > EXTERNAL_DATA_BYTES:
+        move_to_external_data(out_path)
+    return spec
+
+
+def move_to_external_data(path: Path) -> None:
+    """Re-save an ONNX file with its weights in `<name>.data` beside it."""
+    import onnx
+
+    model = onnx.load(str(path))
+    data_name = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
