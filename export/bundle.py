@@ -84,9 +84,11 @@ def _tool_versions() -> dict[str, str]:
 
 def _validation_prompts(src: Source) -> list[list[int]]:
     if src.kind == "builtin":
-        from specreason_models import validation_prompts
+        from specreason_models.task import format_prompt, heldout_split
 
-        texts = validation_prompts()
+        # Built-in models only know the task's alphabet: held-out prompts cut into their solutions.
+        problems = heldout_split(n=3)
+        texts = [format_prompt(p.question) + p.solution[:cut] for p, cut in zip(problems, (0, 9, 23))]
     else:
         texts = list(TEXT_PROMPTS)
     prompts = [src.tokenizer(t)["input_ids"] for t in texts]

@@ -33,7 +33,7 @@ class Tolerance:
 # fp32 must match the source to float rounding; quantized exports are held to greedy agreement only.
 DEFAULT_TOLERANCES = {
     "fp32": Tolerance(max_abs_logit_diff=1e-3, min_greedy_agreement=1.0),
-    "int8": Tolerance(max_abs_logit_diff=None, min_greedy_agreement=0.75),
+    "int8": Tolerance(max_abs_logit_diff=None, min_greedy_agreement=0.7),
     "int4": Tolerance(max_abs_logit_diff=None, min_greedy_agreement=0.6),
 }
 
