@@ -88,7 +88,7 @@ def _validation_prompts(src: Source) -> list[list[int]]:
 
         # Built-in models only know the task's alphabet: held-out prompts cut into their solutions.
         problems = heldout_split(n=3)
-        texts = [format_prompt(p.question) + p.solution[:cut] for p, cut in zip(problems, (0, 9, 23))]
+        texts = [format_prompt(p.question) + p.solution[:cut] for p, cut in zip(problems, (0, 9, 23), strict=True)]
     else:
         texts = list(TEXT_PROMPTS)
     prompts = [src.tokenizer(t)["input_ids"] for t in texts]

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=8, metavar="N",
                    help="greedy decode steps checked during validation (>= 8, default 8)")
     p.add_argument("--max-logit-diff", type=float, default=None, metavar="X",
-                   help="validation limit on max |logit diff| vs PyTorch (default 1e-3 for fp32, unchecked for int8/int4)")
+                   help="validation limit on max |logit diff| vs PyTorch "
+                        "(default 1e-3 for fp32, unchecked for int8/int4)")
     p.add_argument("--min-agreement", type=float, default=None, metavar="F",
                    help="validation minimum greedy-token agreement, 0..1 (default 1.0 fp32, 0.7 int8, 0.6 int4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

@@ -65,7 +65,7 @@ class BranchDecoder(nn.Module):
         floor = torch.finfo(h.dtype).min
 
         new_keys, new_values = [], []
-        for layer, pk, pv in zip(self.layers, past_keys, past_values):
+        for layer, pk, pv in zip(self.layers, past_keys, past_values, strict=True):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(branches, new, self.heads, self.head_dim).transpose(1, 2)

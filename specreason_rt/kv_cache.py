@@ -26,8 +26,8 @@ class KVCache:
         capacity = min(max(capacity, 1), max_context)
         shape = (branches, kv_heads, capacity, head_dim)
         # keys[i], values[i]: [branches, kv_heads, capacity, head_dim]
-        self.keys = [np.zeros(shape, dtype) for _ in range(layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(layers)]
+        self.keys: list[np.ndarray] = [np.zeros(shape, dtype) for _ in range(layers)]
+        self.values: list[np.ndarray] = [np.zeros(shape, dtype) for _ in range(layers)]
         self.lengths = np.zeros(branches, np.int64)  # [branches]
 
     @property

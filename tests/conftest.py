@@ -80,3 +80,14 @@ def smollm2_gguf() -> Path:
 
 def read_manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """A bundle of the tiny random Llama in both roles (fp32): fast, independent of trained weights."""
+    from specreason_export.bundle import ExportOptions, write_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fp32"
+    write_bundle(ExportOptions(speculator=str(tiny_llama_dir), verifier=str(tiny_llama_dir), out=out,
+                               show_progress=False))
+    return out

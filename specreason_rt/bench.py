@@ -1,0 +1,61 @@
+"""Benchmarks with JSON output (not tests). `logits`: what computing logits only where asked saves.
+
+A prefill of T tokens for B branches needs the logits of the last position only (the sampler's next
+token); a graph that returns every position materialises [B, T, vocab] floats. Our graphs take
+`logits_index`, so the runtime asks for [B, 1, vocab]. This measures both on the same graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import OrtEngine
+from .kv_cache import KVCache
+from .manifest import load_manifest
+
+
+def _median_ms(fn: Callable[[], object], *, repeats: int) -> float:
+    fn()  # warm-up: first run allocates ORT's arenas
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_logits(*, bundle: str | Path, role: str = "speculator", branches: tuple[int, ...] = (1, 4),
+                 prompt_tokens: int = 512, repeats: int = 5, threads: int = 0) -> dict[str, Any]:
+    manifest = load_manifest(bundle)
+    entry = manifest.models[role]
+    arch = entry.architecture
+    engine = OrtEngine.from_bundle(bundle_dir=bundle, entry=entry, intra_op_threads=threads)
+    tokens = min(prompt_tokens, arch.max_context)
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in branches:
+        cache = KVCache(layers=arch.layers, kv_heads=arch.kv_heads, head_dim=arch.head_dim, branches=b,
+                        max_context=arch.max_context)
+        n_new = np.full(b, tokens, np.int64)
+        keys, values, mask, pos = cache.step_inputs(n_new, tokens)
+        ids = rng.integers(4, arch.vocab_size, size=(b, tokens), dtype=np.int64)  # [branches, tokens]
+        row: dict[str, Any] = {"branches": b, "prompt_tokens": tokens}
+        for label, index in (("last_only", np.full((b, 1), tokens - 1, np.int64)),
+                             ("all_positions", np.tile(np.arange(tokens), (b, 1)))):
+            run = functools.partial(engine.forward, input_ids=ids, position_ids=pos, attention_mask=mask,
+                                    logits_index=index, past_keys=keys, past_values=values)
+            row[f"{label}_ms"] = round(_median_ms(run, repeats=repeats), 2)
+            row[f"{label}_logits_mb"] = round(b * index.shape[1] * arch.vocab_size * 4 / 2**20, 2)
+        row["saved_ms"] = round(row["all_positions_ms"] - row["last_only_ms"], 2)
+        row["speedup"] = round(row["all_positions_ms"] / row["last_only_ms"], 2)
+        rows.append(row)
+    return {"benchmark": "prefill logits only where asked", "bundle": str(bundle), "role": role,
+            "precision": entry.precision, "vocab": arch.vocab_size, "repeats": repeats, "statistic": "median",
+            "results": rows}

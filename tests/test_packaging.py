@@ -1,0 +1,78 @@
+"""Packaging: import names, the no-torch runtime, console scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh interpreter in which importing torch, transformers or optimum raises.
+NO_TORCH = textwrap.dedent("""
+    import importlib, pkgutil, sys
+    import numpy as np
+
+    BLOCKED = ("torch", "transformers", "optimum")
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} must not be imported by the runtime")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import specreason_rt
+    for mod in pkgutil.walk_packages(specreason_rt.__path__, "specreason_rt."):
+        importlib.import_module(mod.name)
+
+    from specreason_rt.engine import OrtEngine
+    from specreason_rt.kv_cache import KVCache
+    from specreason_rt.manifest import load_manifest
+
+    bundle = sys.argv[1]
+    entry = load_manifest(bundle).models["verifier"]
+    engine = OrtEngine.from_bundle(bundle_dir=bundle, entry=entry)
+    a = entry.architecture
+    cache = KVCache(layers=a.layers, kv_heads=a.kv_heads, head_dim=a.head_dim, branches=1,
+                    max_context=a.max_context)
+    token = np.array([[1, 30, 31]], np.int64)
+    for _ in range(4):  # greedy decode a few tokens
+        n = np.array([token.shape[1]])
+        keys, values, mask, pos = cache.step_inputs(n, token.shape[1])
+        logits, nk, nv = engine.forward(input_ids=token, position_ids=pos, attention_mask=mask,
+                                        logits_index=n[:, None] - 1, past_keys=keys, past_values=values)
+        cache.append(nk, nv, n)
+        token = logits[:, 0].argmax(-1)[:, None].astype(np.int64)
+    assert not any(m.split(".")[0] in BLOCKED for m in sys.modules), "a blocked module was imported"
+    print("ok", int(cache.lengths[0]))
+""")
+
+
+def test_runtime_never_imports_torch(tiny_bundle: Path) -> None:
+    res = subprocess.run([sys.executable, "-c", NO_TORCH, str(tiny_bundle)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["ok", "6"]
+
+
+def test_blocker_really_blocks() -> None:
+    """The no-torch check would catch an import: importing the export side (which needs torch) fails."""
+    script = NO_TORCH.split("import specreason_rt")[0] + "import specreason_export.graph\n"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode != 0 and "must not be imported by the runtime" in res.stderr
+
+
+def test_wheel_installs_only_specreason_names(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    (wheel,) = tmp_path.glob("specreason_rt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"specreason_rt", "specreason_export", "specreason_models"}
+    assert any(n.startswith("specreason_models/builtin/verifier/") for n in names), "weights not packaged"
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "specreason-export = specreason_export.cli:main" in text
