@@ -1,4 +1,7 @@
-"""Benchmarks with JSON output (not tests). `logits`: what computing logits only where asked saves.
+"""Benchmarks with JSON output (not tests); every figure is a median of repeated runs.
+
+`decode`: ms per decode step (one new token for every branch) at a given context, per role.
+`logits`: what computing logits only where asked saves.
 
 A prefill of T tokens for B branches needs the logits of the last position only (the sampler's next
 token); a graph that returns every position materialises [B, T, vocab] floats. Our graphs take
@@ -18,7 +21,7 @@ import numpy as np
 
 from .engine import OrtEngine
 from .kv_cache import KVCache
-from .manifest import load_manifest
+from .manifest import Architecture, load_manifest
 
 
 def _median_ms(fn: Callable[[], object], *, repeats: int) -> float:
@@ -59,3 +62,58 @@ def bench_logits(*, bundle: str | Path, role: str = "speculator", branches: tupl
     return {"benchmark": "prefill logits only where asked", "bundle": str(bundle), "role": role,
             "precision": entry.precision, "vocab": arch.vocab_size, "repeats": repeats, "statistic": "median",
             "results": rows}
+
+
+def _decode_ms(*, engine: OrtEngine, arch: Architecture, branches: int, context: int, steps: int,
+               rng: np.random.Generator) -> float:
+    """Mean ms of one decode step over `steps` greedy steps after `context` cached tokens per branch."""
+    cache = KVCache(layers=arch.layers, kv_heads=arch.kv_heads, head_dim=arch.head_dim, branches=branches,
+                    max_context=arch.max_context, capacity=context + steps)
+    # Random keys/values stand in for a prefilled context: a decode step's cost does not depend on their values.
+    for k, v in zip(cache.keys, cache.values, strict=True):
+        k[:, :, :context] = rng.standard_normal(k[:, :, :context].shape, np.float32)
+        v[:, :, :context] = rng.standard_normal(v[:, :, :context].shape, np.float32)
+    cache.lengths[:] = context
+    ones = np.ones(branches, np.int64)
+    zero_index = np.zeros((branches, 1), np.int64)
+    token = rng.integers(4, arch.vocab_size, size=(branches, 1), dtype=np.int64)  # [branches, 1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        keys, values, mask, pos = cache.step_inputs(ones, 1)
+        logits, nk, nv = engine.forward(input_ids=token, position_ids=pos, attention_mask=mask,
+                                        logits_index=zero_index, past_keys=keys, past_values=values)
+        cache.append(nk, nv, ones)
+        token = logits[:, 0].argmax(-1)[:, None].astype(np.int64)
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def bench_decode(*, bundle: str | Path, roles: tuple[str, ...] = ("speculator", "verifier"),
+                 branches: tuple[int, ...] = (1, 4), contexts: tuple[int, ...] = (64,), steps: int = 32,
+                 repeats: int = 5, threads: int = 0) -> dict[str, Any]:
+    """Per role and (branches, context) cell: median over `repeats` runs of the mean ms per decode step."""
+    manifest = load_manifest(bundle)
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    for role in roles:
+        entry = manifest.models[role]
+        arch = entry.architecture
+        engine = OrtEngine.from_bundle(bundle_dir=bundle, entry=entry, intra_op_threads=threads)
+        for b in branches:
+            for context in contexts:
+                if context + steps > arch.max_context:
+                    continue
+                run = functools.partial(_decode_ms, engine=engine, arch=arch, branches=b, context=context,
+                                        steps=steps, rng=rng)
+                run()  # warm-up
+                ms = statistics.median(run() for _ in range(repeats))
+                rows.append({"role": role, "branches": b, "context": context, "ms_per_step": round(ms, 3),
+                             "tokens_per_s": round(b * 1e3 / ms, 1)})
+    ratios = {}
+    for row in rows:
+        spec = next((r for r in rows if r["role"] == "speculator" and r["branches"] == row["branches"]
+                     and r["context"] == row["context"]), None)
+        if row["role"] == "verifier" and spec is not None:
+            ratios[f"B={row['branches']},T={row['context']}"] = round(row["ms_per_step"] / spec["ms_per_step"], 2)
+    return {"benchmark": "decode ms per step", "bundle": str(bundle), "precision": manifest.precision,
+            "steps": steps, "repeats": repeats, "statistic": "median", "results": rows,
+            "verifier_over_speculator": ratios}

@@ -40,6 +40,23 @@ def _bench_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_decode(args: argparse.Namespace) -> int:
+    from .bench import bench_decode
+
+    result = bench_decode(bundle=args.bundle, branches=tuple(args.branches), contexts=tuple(args.contexts),
+                          steps=args.steps, repeats=args.repeats, threads=args.threads)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"decode, {result['precision']}, median of {args.repeats} runs of {args.steps} steps:")
+    for r in result["results"]:
+        print(f"  {r['role']:<10} B={r['branches']:<2} T={r['context']:<5} {r['ms_per_step']:8.3f} ms/step "
+              f"{r['tokens_per_s']:9.1f} tokens/s")
+    for cell, ratio in result["verifier_over_speculator"].items():
+        print(f"  verifier / speculator time per step at {cell}: {ratio}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specreason", description="Run and inspect specreason bundles.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     logits.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     logits.add_argument("--json", action="store_true")
     logits.set_defaults(func=_bench_logits)
+    decode = bench_sub.add_parser("decode", help="ms per decode step of both roles at given branches and context")
+    decode.add_argument("--bundle", required=True, metavar="DIR")
+    decode.add_argument("--branches", type=int, nargs="+", default=[1, 4], metavar="B")
+    decode.add_argument("--contexts", type=int, nargs="+", default=[64], metavar="T")
+    decode.add_argument("--steps", type=int, default=32, help="decode steps per run (default 32)")
+    decode.add_argument("--repeats", type=int, default=5)
+    decode.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    decode.add_argument("--json", action="store_true")
+    decode.set_defaults(func=_bench_decode)
     return p
 
 
