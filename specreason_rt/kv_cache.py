@@ -38,7 +38,7 @@ class KVCache:
     def capacity(self) -> int:
         return int(self.keys[0].shape[2])
 
-    def _reserve(self, needed: int) -> None:
+    def reserve(self, needed: int) -> None:
         """Grow the buffers (doubling) so that `needed` slots fit; refuse past max_context."""
         if needed > self.max_context:
             raise CacheLimitError(f"a branch would hold {needed} tokens but the model's max context is "
@@ -71,7 +71,7 @@ class KVCache:
 
         new_keys[i], new_values[i]: [branches, kv_heads, new_tokens, head_dim]
         """
-        self._reserve(int((self.lengths + n_new).max()))
+        self.reserve(int((self.lengths + n_new).max()))
         for b in range(self.branches):
             start, n = int(self.lengths[b]), int(n_new[b])
             for layer in range(self.layers):

@@ -1,0 +1,110 @@
+"""The decoding primitive every strategy builds on, and plain `generate`.
+
+`decode` advances a set of branches, one token per branch per forward, until each branch hits its own
+stop: the end of a reasoning step (the manifest's step delimiter, found in the decoded text so it works
+when the delimiter is split across tokens or merged into a larger one), a stop string, an eos token, or
+its token limit. Finished branches stop consuming tokens while the others go on.
+
+State convention (see model.py): when `decode` returns, each branch's last token is *pending* — sampled
+but not yet in the KV cache. The next forward on that branch must feed it first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .kv_cache import KVCache
+from .model import RoleModel
+from .sampling import SamplingParams, sample
+from .tokenizer import StepDetector, Tokenizer
+
+FINISH_REASONS = ("step", "stop", "eos", "length")
+
+
+@dataclasses.dataclass
+class BranchOutput:
+    tokens: list[int]  # generated token ids in order; the last one is pending (not yet in the cache)
+    logprobs: list[float]  # the model's log-probability of each generated token (raw logits, no sampling warp)
+    finish: str  # one of FINISH_REASONS
+    text: str = ""  # decoded text of `tokens` (special tokens skipped)
+
+
+def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np.ndarray, params: SamplingParams,
+           rng: np.random.Generator, max_tokens: int, stop_at_step: bool = True, stop_strings: Sequence[str] = (),
+           history: list[list[int]] | None = None, on_token: Callable[[int, int], None] | None = None,
+           ) -> list[BranchOutput]:
+    """Sample from `logits` [branches, vocab] (the rows after each branch's last cached token) onwards.
+
+    history[b]: tokens already in branch b (for the repetition penalty); extended in place.
+    on_token(branch, token) is called for every token as soon as it is sampled (for streaming).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    branches = cache.branches
+    history = history if history is not None else [[] for _ in range(branches)]
+    eos = set(model.generation.eos_ids)
+    outs = [BranchOutput(tokens=[], logprobs=[], finish="") for _ in range(branches)]
+    steps = [StepDetector(tokenizer=tokenizer, delimiter=model.generation.step_delimiter) for _ in range(branches)]
+    active = np.ones(branches, bool)
+    while True:
+        # 1. Sample one token for every active branch.
+        rows = np.flatnonzero(active)
+        tokens, logprobs = sample(logits=logits[rows], params=params, rng=rng,
+                                  history=[np.asarray(history[b], np.int64) for b in rows])
+        # 2. Record it and check this branch's stops, in order of precedence.
+        for b, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+            out = outs[b]
+            out.tokens.append(tok)
+            out.logprobs.append(lp)
+            history[b].append(tok)
+            if on_token is not None:
+                on_token(int(b), tok)
+            step_done = steps[b].push(tok)
+            if tok in eos:
+                out.finish = "eos"
+            elif stop_at_step and step_done:
+                out.finish = "step"
+            elif stop_strings and any(s in tokenizer.decode(out.tokens) for s in stop_strings):
+                out.finish = "stop"
+            elif len(out.tokens) >= max_tokens:
+                out.finish = "length"
+            if out.finish:
+                active[b] = False
+        if not active.any():
+            break
+        # 3. One forward: active branches feed their new token, finished ones feed nothing.
+        feed = [[outs[b].tokens[-1]] if active[b] else [] for b in range(branches)]
+        logits = model.forward(cache=cache, tokens=feed)
+    for out in outs:
+        out.text = tokenizer.decode(out.tokens)
+    return outs
+
+
+def generate(*, model: RoleModel, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams,
+             rng: np.random.Generator, max_tokens: int, branches_per_prompt: int = 1,
+             stop_strings: Sequence[str] = (), on_token: Callable[[int, int], None] | None = None,
+             ) -> list[BranchOutput]:
+    """Plain decoding until eos, a stop string or max_tokens (reasoning steps do not stop it).
+
+    Prompts of different lengths share one batch. With branches_per_prompt = n > 1 (one prompt only),
+    the prompt is prefilled once and its cache forked into n branches that sample independently.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one non-empty prompt")
+    if branches_per_prompt > 1 and len(prompts) != 1:
+        raise ValueError("branches_per_prompt > 1 forks a single prompt; pass one prompt")
+    longest = max(len(p) for p in prompts) + max_tokens
+    cache = model.new_cache(branches=len(prompts), capacity=min(longest, model.arch.max_context))
+    cache.reserve(longest)  # refuse up front rather than midway through decoding
+    logits = model.forward(cache=cache, tokens=prompts)  # [prompts, vocab]
+    history = [list(p) for p in prompts]
+    if branches_per_prompt > 1:
+        cache.fork(branches_per_prompt)
+        logits = np.repeat(logits, branches_per_prompt, axis=0)  # [branches, vocab]
+        history = [list(prompts[0]) for _ in range(branches_per_prompt)]
+    return decode(model=model, tokenizer=tokenizer, cache=cache, logits=logits, params=params, rng=rng,
+                  max_tokens=max_tokens, stop_at_step=False, stop_strings=stop_strings, history=history,
+                  on_token=on_token)

@@ -1,0 +1,178 @@
+"""Token sampling: a pure function of (logits, params, rng) (STYLE.md §4).
+
+Terms used below:
+
+    raw logits        the model's output row for one branch, untouched.
+    processed logits  raw logits after the processors, in the order transformers' `generate` applies them:
+                      repetition penalty -> temperature -> top-k -> top-p -> min-p. A processor *removes*
+                      a token by setting its logit to -inf.
+    processed logprobs  log-softmax of the processed logits: the distribution a token is drawn from.
+    logprob           what `sample` returns beside each token: log-softmax of the RAW logits at that token, the
+                      model's own probability, which scoring uses as local confidence (it does not depend on
+                      the sampling knobs).
+
+Greedy decoding is temperature 0: the argmax of the penalised logits; top-k, top-p and min-p are ignored
+because they never remove the argmax. Ties (equal logits) always go to the lowest token id, so every result
+is reproducible: greedy picks the lowest id among the maxima, and top-k / top-p keep lower ids first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SpecReasonError
+
+
+class SamplingError(SpecReasonError, ValueError):
+    """Bad sampling parameters or inputs; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off; else keep exactly the k most likely tokens
+    top_p: float = 1.0  # 1 = off; else keep the smallest most-likely set whose probability reaches top_p
+    min_p: float = 0.0  # 0 = off; else drop tokens with probability < min_p * (probability of the top token)
+    # 1 = off; transformers semantics over the tokens already in the branch: logit / p if logit > 0 else logit * p
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (0 < self.top_p <= 1):
+            raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not (0 <= self.min_p <= 1):
+            raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise SamplingError(f"repetition_penalty must be a finite number > 0 (1 = off), "
+                                f"got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax along the last axis; -inf entries stay -inf.
+
+    Subtracting the row maximum keeps exp() in range; a row needs at least one finite entry.
+    """
+    top = np.max(logits, axis=-1, keepdims=True)
+    shifted = logits - top
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def _apply_repetition_penalty(logits: np.ndarray, *, penalty: float, history: list[np.ndarray] | None) -> None:
+    """In place. logits: [branches, vocab]; history[b]: token ids already in branch b (duplicates allowed)."""
+    if penalty == 1.0 or history is None:
+        return
+    for b, ids in enumerate(history):
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if ids.size == 0:
+            continue
+        seen = logits[b, ids]
+        # Dividing a positive logit and multiplying a negative one both make the token less likely (p > 1).
+        logits[b, ids] = np.where(seen < 0, seen * np.float32(penalty), seen / np.float32(penalty))
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep exactly k tokens per row, lowest ids first among equal logits. logits: [branches, vocab]."""
+    if k == 0 or k >= logits.shape[-1]:
+        return logits
+    # kth: [branches, 1], the k-th largest logit. Everything strictly above it stays; among the tokens equal
+    # to it, the lowest ids fill the remaining slots (a deterministic tie rule, unlike an unstable sort).
+    kth = -np.partition(-logits, k - 1, axis=-1)[:, k - 1:k]
+    above = logits > kth
+    equal = logits == kth
+    slots = k - above.sum(axis=-1, keepdims=True)
+    keep = above | (equal & (np.cumsum(equal, axis=-1) <= slots))
+    return np.where(keep, logits, -np.inf).astype(logits.dtype)
+
+
+def _top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest most-likely set of tokens whose probability reaches p. logits: [branches, vocab]."""
+    if p >= 1.0:
+        return logits
+    # order: [branches, vocab], most likely first; the stable sort puts lower ids first among equal logits.
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    probs = np.exp(log_softmax(np.take_along_axis(logits, order, axis=-1).astype(np.float64)))
+    # A token stays when the mass strictly before it is still short of p, so the first token always stays and
+    # the token that makes the mass reach p stays too. float64 keeps the running sum accurate over 50k tokens.
+    before = np.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < p
+    keep = np.empty_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return np.where(keep, logits, -np.inf).astype(logits.dtype)
+
+
+def _min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens whose probability is below min_p times the top token's. logits: [branches, vocab]."""
+    if min_p == 0.0:
+        return logits
+    probs = np.exp(log_softmax(logits))
+    keep = probs >= min_p * probs.max(axis=-1, keepdims=True)  # the top token always passes (min_p <= 1)
+    return np.where(keep, logits, -np.inf).astype(logits.dtype)
+
+
+def _check_inputs(logits: np.ndarray, history: list[np.ndarray] | None) -> None:
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise SamplingError(f"logits must be [branches, vocab], got shape {logits.shape}; "
+                            "take the last position's row per branch")
+    if history is not None and len(history) != logits.shape[0]:
+        raise SamplingError(f"history has {len(history)} entries but logits have {logits.shape[0]} branches; "
+                            "pass one array of token ids per branch (or None)")
+
+
+def processed_logprobs(*, logits: np.ndarray, params: SamplingParams,
+                       history: list[np.ndarray] | None = None) -> np.ndarray:
+    """The distribution `sample` draws from, as log-probabilities with -inf for removed tokens.
+
+    logits: [branches, vocab]; history[b]: token ids already in branch b. Returns [branches, vocab] float32.
+    For greedy params the distribution is a point mass: 0 at the (lowest-id) argmax, -inf elsewhere.
+    """
+    _check_inputs(logits, history)
+    x = np.array(logits, dtype=np.float32, copy=True)  # x: [branches, vocab]; the caller's array stays untouched
+    # 1. Repetition penalty (also for greedy, as in transformers).
+    _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
+    if params.greedy:
+        out = np.full_like(x, -np.inf)
+        out[np.arange(x.shape[0]), np.argmax(x, axis=-1)] = 0.0
+        return out
+    # 2. Temperature, 3. top-k, 4. top-p, 5. min-p: each sees the previous one's output, as in generate.
+    if params.temperature != 1.0:
+        x = x / np.float32(params.temperature)
+    x = _top_k(x, params.top_k)
+    x = _top_p(x, params.top_p)
+    x = _min_p(x, params.min_p)
+    return log_softmax(x).astype(np.float32)
+
+
+def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           history: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one token per branch.
+
+    logits: [branches, vocab] float32; history[b]: token ids already in branch b (for the repetition penalty).
+    Returns tokens [branches] int64 and logprobs [branches] float32, the log-softmax of the RAW logits at the
+    chosen tokens. Greedy params draw nothing from rng; otherwise exactly one uniform per branch, so the same
+    seed gives the same tokens.
+    """
+    logp = processed_logprobs(logits=logits, params=params, history=history)  # [branches, vocab]
+    if params.greedy:
+        tokens = np.argmax(logp, axis=-1)
+    else:
+        # Inverse-CDF draw: the first token whose cumulative probability exceeds u * total. Removed tokens add
+        # nothing to the sum, so they can never be the first to exceed it. If rounding makes u reach the total,
+        # the clip falls back to the last token that has any probability.
+        probs = np.exp(logp.astype(np.float64))  # [branches, vocab]
+        cdf = np.cumsum(probs, axis=-1)
+        u = rng.random(size=(logp.shape[0], 1)) * cdf[:, -1:]  # [branches, 1]
+        last = probs.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # [branches]
+        tokens = np.minimum((cdf <= u).sum(axis=-1), last)
+    tokens = tokens.astype(np.int64)  # [branches]
+    raw: np.ndarray = log_softmax(np.asarray(logits, dtype=np.float32))  # [branches, vocab]
+    return tokens, raw[np.arange(tokens.shape[0]), tokens].astype(np.float32)
