@@ -78,6 +78,27 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path):
+    """The PyTorch reference: transformers' model loaded from the same GGUF (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """SmolLM2-135M-Instruct exported (fp32) from the GGUF as both speculator and verifier."""
+    from specreason_export.bundle import ExportOptions, write_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "smollm2-fp32"
+    write_bundle(ExportOptions(speculator=str(smollm2_gguf), verifier=str(smollm2_gguf), out=out,
+                               show_progress=False))
+    return out
+
+
 def read_manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 

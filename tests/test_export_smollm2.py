@@ -9,17 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from specreason_export.bundle import ExportOptions, write_bundle
 from specreason_rt.manifest import load_manifest
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 
-def test_smollm2_gguf_exports_token_identical(tmp_path: Path, smollm2_gguf: Path) -> None:
-    out = tmp_path / "smollm2"
-    write_bundle(ExportOptions(speculator=str(smollm2_gguf), verifier=str(smollm2_gguf), out=out,
-                               show_progress=False))
-    manifest = load_manifest(out)
+def test_smollm2_gguf_exports_token_identical(smollm2_bundle: Path, smollm2_gguf: Path) -> None:
+    manifest = load_manifest(smollm2_bundle)
     for role in ("speculator", "verifier"):
         entry = manifest.models[role]
         v = entry.validation

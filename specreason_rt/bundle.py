@@ -1,0 +1,28 @@
+"""Open a bundle: check its manifest, then load the engine and tokenizer of each requested role."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import BundleError
+from .manifest import ROLES, Manifest, load_manifest
+from .model import RoleModel
+from .tokenizer import Tokenizer
+
+
+class Bundle:
+    def __init__(self, path: str | Path, *, roles: Sequence[str] = ROLES, providers: list[str] | None = None,
+                 intra_op_threads: int = 0) -> None:
+        self.path = Path(path)
+        unknown = [r for r in roles if r not in ROLES]
+        if unknown:
+            raise BundleError(f"unknown role(s) {unknown}: choose from {', '.join(ROLES)}")
+        self.manifest: Manifest = load_manifest(self.path)
+        self.models: dict[str, RoleModel] = {}
+        self.tokenizers: dict[str, Tokenizer] = {}
+        for role in roles:
+            entry = self.manifest.models[role]
+            self.models[role] = RoleModel(bundle_dir=self.path, entry=entry, providers=providers,
+                                          intra_op_threads=intra_op_threads)
+            self.tokenizers[role] = Tokenizer(path=self.path / entry.tokenizer, generation=entry.generation)
