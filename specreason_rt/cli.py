@@ -57,6 +57,52 @@ def _bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .bundle import Bundle
+    from .decode import generate
+    from .sampling import SamplingParams
+    from .tokenizer import StreamDecoder
+
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt_text.strip():
+        raise SpecReasonError("the prompt is empty: pass the text to continue (or - to read it from stdin)")
+    if args.branches < 1:
+        raise SpecReasonError(f"--branches must be >= 1, got {args.branches}")
+    # One greedy branch is deterministic; several identical greedy branches would be pointless.
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.branches == 1 else 0.7)
+    params = SamplingParams(temperature=temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty)
+    bundle = Bundle(args.bundle, roles=[args.model], intra_op_threads=args.threads)
+    model, tok = bundle.models[args.model], bundle.tokenizers[args.model]
+    use_chat = not args.raw and model.generation.chat_template is not None
+    prompt = tok.encode_chat([{"role": "user", "content": prompt_text}]) if use_chat else tok.encode(prompt_text)
+
+    stream = args.branches == 1 and not args.json
+    streamer = StreamDecoder(tokenizer=tok)
+
+    def on_token(branch: int, token: int) -> None:
+        if stream:
+            sys.stdout.write(streamer.push(token))
+            sys.stdout.flush()
+
+    outs = generate(model=model, tokenizer=tok, prompts=[prompt], params=params,
+                    rng=np.random.default_rng(args.seed), max_tokens=args.max_tokens,
+                    branches_per_prompt=args.branches, on_token=on_token)
+    if args.json:
+        print(json.dumps({"model": args.model, "prompt_tokens": len(prompt), "seed": args.seed,
+                          "branches": [{"text": o.text, "tokens": o.tokens, "finish": o.finish,
+                                        "logprobs": [round(lp, 5) for lp in o.logprobs]} for o in outs]}, indent=2))
+    elif stream:
+        sys.stdout.write(streamer.flush() + "\n")
+        print(f"[{outs[0].finish}: {len(outs[0].tokens)} tokens]", file=sys.stderr)
+    else:
+        for i, o in enumerate(outs):
+            print(f"--- branch {i} ({o.finish}, {len(o.tokens)} tokens) ---\n{o.text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specreason", description="Run and inspect specreason bundles.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,6 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--bundle", required=True, metavar="DIR")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     info.set_defaults(func=_info)
+    gen = sub.add_parser("generate", help="plain decoding with one model of a bundle, streamed to stdout",
+                         description="Continue PROMPT with the speculator or the verifier of a bundle. The prompt "
+                         "is wrapped in the model's chat template unless --raw is given.")
+    gen.add_argument("prompt", metavar="PROMPT", help="text to continue, or - to read it from stdin")
+    gen.add_argument("--bundle", required=True, metavar="DIR")
+    gen.add_argument("--model", default="verifier", choices=["speculator", "verifier"],
+                     help="which model of the bundle generates (default: verifier)")
+    gen.add_argument("--branches", type=int, default=1, metavar="N",
+                     help="sample N branches from the one prompt (prefilled once, then forked); default 1")
+    gen.add_argument("--max-tokens", type=int, default=128, metavar="N", help="tokens per branch (default 128)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampler's RNG; a seed reproduces a run")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 = greedy (default for one branch); default 0.7 for several branches")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    gen.add_argument("--json", action="store_true", help="print tokens, text and log-probs as JSON")
+    gen.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="benchmarks with JSON output")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     logits = bench_sub.add_parser("logits", help="prefill with logits at the last position vs at every position")
@@ -93,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecReasonError as e:
         print(f"specreason: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nspecreason: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .errors import ConfigError
 from .kv_cache import KVCache
 from .model import RoleModel
 from .sampling import SamplingParams, sample
@@ -42,7 +43,7 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
     on_token(branch, token) is called for every token as soon as it is sampled (for streaming).
     """
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
     branches = cache.branches
     history = history if history is not None else [[] for _ in range(branches)]
     eos = set(model.generation.eos_ids)
@@ -93,9 +94,11 @@ def generate(*, model: RoleModel, tokenizer: Tokenizer, prompts: list[list[int]]
     the prompt is prefilled once and its cache forked into n branches that sample independently.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one non-empty prompt")
+        raise ConfigError("generate needs at least one non-empty prompt")
+    if branches_per_prompt < 1:
+        raise ConfigError(f"branches_per_prompt must be >= 1, got {branches_per_prompt}")
     if branches_per_prompt > 1 and len(prompts) != 1:
-        raise ValueError("branches_per_prompt > 1 forks a single prompt; pass one prompt")
+        raise ConfigError("branches_per_prompt > 1 forks a single prompt; pass one prompt")
     longest = max(len(p) for p in prompts) + max_tokens
     cache = model.new_cache(branches=len(prompts), capacity=min(longest, model.arch.max_context))
     cache.reserve(longest)  # refuse up front rather than midway through decoding

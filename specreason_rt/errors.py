@@ -11,3 +11,7 @@ class BundleError(SpecReasonError):
 
 class CacheLimitError(SpecReasonError):
     """A request needs more KV-cache memory or context than the bundle or the user allows."""
+
+
+class ConfigError(SpecReasonError, ValueError):
+    """An argument is out of range or inconsistent; the message names it and the valid values."""
