@@ -74,7 +74,10 @@ def _generate(args: argparse.Namespace) -> int:
     temperature = args.temperature if args.temperature is not None else (0.0 if args.branches == 1 else 0.7)
     params = SamplingParams(temperature=temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty)
-    bundle = Bundle(args.bundle, roles=[args.model], intra_op_threads=args.threads)
+    from .engine import resolve_providers
+
+    bundle = Bundle(args.bundle, roles=[args.model], providers=resolve_providers(args.provider),
+                    intra_op_threads=args.threads)
     model, tok = bundle.models[args.model], bundle.tokenizers[args.model]
     use_chat = not args.raw and model.generation.chat_template is not None
     prompt = tok.encode_chat([{"role": "user", "content": prompt_text}]) if use_chat else tok.encode(prompt_text)
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                     help="ONNX Runtime execution provider (default cpu; cuda/tensorrt need onnxruntime-gpu)")
     gen.add_argument("--json", action="store_true", help="print tokens, text and log-probs as JSON")
     gen.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="benchmarks with JSON output")

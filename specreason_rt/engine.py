@@ -7,8 +7,27 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .manifest import ModelEntry
+
+# CLI names -> ONNX Runtime execution providers. Later entries in a list are fallbacks for unsupported ops.
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def resolve_providers(name: str) -> list[str]:
+    """Execution providers for a CLI/API name; refuse one this onnxruntime build lacks."""
+    if name not in PROVIDERS:
+        raise ConfigError(f"unknown provider {name!r}: choose one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[name][0]
+    if wanted not in ort.get_available_providers():
+        raise ConfigError(f"{wanted} is not available in this onnxruntime build "
+                          f"(available: {', '.join(ort.get_available_providers())}); "
+                          "install onnxruntime-gpu (pip install 'specreason-rt[gpu]') on an NVIDIA machine")
+    return PROVIDERS[name]
 
 
 class OrtEngine:

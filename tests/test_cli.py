@@ -44,6 +44,7 @@ def test_bad_inputs_give_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
         (["generate", "--bundle", str(tiny_bundle), "   "], "prompt is empty"),
         (["generate", "--bundle", str(tiny_bundle), "--max-tokens", "100000", "hi"], "max context"),
         (["generate", "--bundle", str(tiny_bundle), "--max-tokens", "0", "hi"], "max_tokens must be >= 1"),
+        (["generate", "--bundle", str(tiny_bundle), "--provider", "cuda", "hi"], "not available"),
         (["info", "--bundle", str(tmp_path)], "has no manifest.json"),
     ]
     for args, needle in cases:
