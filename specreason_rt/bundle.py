@@ -13,7 +13,7 @@ from .tokenizer import Tokenizer
 
 class Bundle:
     def __init__(self, path: str | Path, *, roles: Sequence[str] = ROLES, providers: list[str] | None = None,
-                 intra_op_threads: int = 0) -> None:
+                 intra_op_threads: int = 0, kv_limit_bytes: int | None = None) -> None:
         self.path = Path(path)
         unknown = [r for r in roles if r not in ROLES]
         if unknown:
@@ -24,5 +24,5 @@ class Bundle:
         for role in roles:
             entry = self.manifest.models[role]
             self.models[role] = RoleModel(bundle_dir=self.path, entry=entry, providers=providers,
-                                          intra_op_threads=intra_op_threads)
+                                          intra_op_threads=intra_op_threads, kv_limit_bytes=kv_limit_bytes)
             self.tokenizers[role] = Tokenizer(path=self.path / entry.tokenizer, generation=entry.generation)

@@ -10,6 +10,12 @@ from .errors import SpecReasonError
 from .manifest import load_manifest
 
 
+def _file_sizes(bundle: str, files: dict[str, str]) -> dict[str, int]:
+    from pathlib import Path
+
+    return {rel: (Path(bundle) / rel).stat().st_size for rel in files}
+
+
 def _info(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.bundle)
     if args.json:
@@ -21,6 +27,12 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {role:<10} {e.source['id']} ({a.family}, {a.layers} layers, {a.parameters / 1e6:.2f}M params, "
               f"vocab {a.vocab_size}, context {a.max_context}); validation: max |logit diff| "
               f"{v['max_abs_logit_diff']:.2e}, greedy agreement {v['greedy_agreement']:.0%}")
+        context = min(args.context, a.max_context)
+        kv = args.branches * context * a.kv_bytes_per_token()
+        weights = sum(size for rel, size in _file_sizes(args.bundle, manifest.files).items()
+                      if rel.startswith(f"{role}/model.onnx"))
+        print(f"  {'':<10} memory: weights {weights / 2**20:.1f} MiB on disk; KV cache for {args.branches} "
+              f"branches x {context} tokens: {kv / 2**20:.1f} MiB (fp32)")
     return 0
 
 
@@ -77,7 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .engine import resolve_providers
 
     bundle = Bundle(args.bundle, roles=[args.model], providers=resolve_providers(args.provider),
-                    intra_op_threads=args.threads)
+                    intra_op_threads=args.threads, kv_limit_bytes=int(args.kv_limit_mib * 2**20))
     model, tok = bundle.models[args.model], bundle.tokenizers[args.model]
     use_chat = not args.raw and model.generation.chat_template is not None
     prompt = tok.encode_chat([{"role": "user", "content": prompt_text}]) if use_chat else tok.encode(prompt_text)
@@ -112,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="check a bundle (files, hashes, schema) and summarise its manifest")
     info.add_argument("--bundle", required=True, metavar="DIR")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    info.add_argument("--context", type=int, default=2048, help="tokens per branch for the memory estimate")
+    info.add_argument("--branches", type=int, default=4, help="branches for the memory estimate")
     info.set_defaults(func=_info)
     gen = sub.add_parser("generate", help="plain decoding with one model of a bundle, streamed to stdout",
                          description="Continue PROMPT with the speculator or the verifier of a bundle. The prompt "
@@ -132,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    gen.add_argument("--kv-limit-mib", type=float, default=4096, metavar="MIB",
+                     help="refuse requests whose KV cache would exceed this many MiB (default 4096)")
     gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
                      help="ONNX Runtime execution provider (default cpu; cuda/tensorrt need onnxruntime-gpu)")
     gen.add_argument("--json", action="store_true", help="print tokens, text and log-probs as JSON")

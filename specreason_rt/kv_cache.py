@@ -17,13 +17,16 @@ from .errors import CacheLimitError
 
 class KVCache:
     def __init__(self, *, layers: int, kv_heads: int, head_dim: int, branches: int, max_context: int,
-                 capacity: int = 64, dtype: type = np.float32) -> None:
+                 capacity: int = 64, dtype: type = np.float32, max_bytes: int | None = None) -> None:
         if branches < 1:
             raise ValueError(f"branches must be >= 1, got {branches}")
+        self.max_bytes = max_bytes
+        self.bytes_per_token = 2 * layers * kv_heads * head_dim * np.dtype(dtype).itemsize  # keys + values
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.max_context = max_context
         self.dtype = dtype
         capacity = min(max(capacity, 1), max_context)
+        self._check_bytes(branches=branches, capacity=capacity)
         shape = (branches, kv_heads, capacity, head_dim)
         # keys[i], values[i]: [branches, kv_heads, capacity, head_dim]
         self.keys: list[np.ndarray] = [np.zeros(shape, dtype) for _ in range(layers)]
@@ -38,6 +41,13 @@ class KVCache:
     def capacity(self) -> int:
         return int(self.keys[0].shape[2])
 
+    def _check_bytes(self, *, branches: int, capacity: int) -> None:
+        need = branches * capacity * self.bytes_per_token
+        if self.max_bytes is not None and need > self.max_bytes:
+            raise CacheLimitError(
+                f"the KV cache for {branches} branches x {capacity} tokens needs {need / 2**20:.1f} MiB, over the "
+                f"limit of {self.max_bytes / 2**20:.1f} MiB; use fewer branches or tokens, or raise the limit")
+
     def reserve(self, needed: int) -> None:
         """Grow the buffers (doubling) so that `needed` slots fit; refuse past max_context."""
         if needed > self.max_context:
@@ -46,6 +56,9 @@ class KVCache:
         if needed <= self.capacity:
             return
         new_cap = min(max(needed, 2 * self.capacity), self.max_context)
+        if self.max_bytes is not None and self.branches * new_cap * self.bytes_per_token > self.max_bytes:
+            new_cap = needed  # doubling would cross the limit: grow to exactly what is needed
+        self._check_bytes(branches=self.branches, capacity=new_cap)
         pad = ((0, 0), (0, 0), (0, new_cap - self.capacity), (0, 0))
         self.keys = [np.pad(k, pad) for k in self.keys]
         self.values = [np.pad(v, pad) for v in self.values]
@@ -82,6 +95,7 @@ class KVCache:
     def gather(self, rows: np.ndarray | list[int]) -> None:
         """Keep, reorder or duplicate branches: new branch j is old branch rows[j]."""
         idx = np.asarray(rows, np.int64)
+        self._check_bytes(branches=len(idx), capacity=self.capacity)
         self.keys = [k[idx] for k in self.keys]
         self.values = [v[idx] for v in self.values]
         self.lengths = self.lengths[idx].copy()

@@ -20,8 +20,9 @@ from .manifest import ModelEntry
 
 class RoleModel:
     def __init__(self, *, bundle_dir: str | Path, entry: ModelEntry, providers: list[str] | None = None,
-                 intra_op_threads: int = 0) -> None:
+                 intra_op_threads: int = 0, kv_limit_bytes: int | None = None) -> None:
         self.entry = entry
+        self.kv_limit_bytes = kv_limit_bytes
         self.arch = entry.architecture
         self.generation = entry.generation
         self.engine = OrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, providers=providers,
@@ -29,7 +30,8 @@ class RoleModel:
 
     def new_cache(self, *, branches: int = 1, capacity: int = 256) -> KVCache:
         return KVCache(layers=self.arch.layers, kv_heads=self.arch.kv_heads, head_dim=self.arch.head_dim,
-                       branches=branches, max_context=self.arch.max_context, capacity=capacity)
+                       branches=branches, max_context=self.arch.max_context, capacity=capacity,
+                       max_bytes=self.kv_limit_bytes)
 
     def forward(self, *, cache: KVCache, tokens: list[list[int]], all_logits: bool = False) -> np.ndarray:
         """Append tokens[b] to branch b (an empty list leaves it unchanged) and return logits.

@@ -45,6 +45,8 @@ def test_bad_inputs_give_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
         (["generate", "--bundle", str(tiny_bundle), "--max-tokens", "100000", "hi"], "max context"),
         (["generate", "--bundle", str(tiny_bundle), "--max-tokens", "0", "hi"], "max_tokens must be >= 1"),
         (["generate", "--bundle", str(tiny_bundle), "--provider", "cuda", "hi"], "not available"),
+        (["generate", "--bundle", str(tiny_bundle), "--branches", "8", "--kv-limit-mib", "0.01", "hi"],
+         "over the limit"),
         (["info", "--bundle", str(tmp_path)], "has no manifest.json"),
     ]
     for args, needle in cases:
@@ -58,3 +60,4 @@ def test_info_summarises_the_bundle(tiny_bundle: Path) -> None:
     res = run("info", "--bundle", str(tiny_bundle))
     assert res.returncode == 0, res.stderr
     assert "speculator" in res.stdout and "greedy agreement 100%" in res.stdout
+    assert "KV cache for 4 branches x 128 tokens" in res.stdout  # context capped at the model's max

@@ -53,15 +53,15 @@ def test_solution_steps_are_delimited_and_correct():
     for p in heldout_split(n=200):
         *steps, answer_line = p.solution.split(STEP_DELIMITER)
         assert answer_line == f"Answer: {p.answer}"
-        assert 3 <= len(steps) <= 4
-        value = int(steps[0][:3])
-        assert p.question.startswith(steps[0][:3])
+        assert 2 <= len(steps) <= 3
+        value = int(steps[0][:2])
+        assert p.question.startswith(steps[0][:2])
         for step in steps:
             lhs, rhs = step.split("=")
-            x, op, y = int(lhs[:3]), lhs[3], int(lhs[4:])
+            x, op, y = int(lhs[:2]), lhs[2], int(lhs[3:])
             assert x == value
-            value = {"+": x + y, "-": x - y, "*": x * y}[op] % 1000
-            assert int(rhs) == value and len(rhs) == 3
+            value = {"+": x + y, "-": x - y, "*": x * y}[op] % 100
+            assert int(rhs) == value and len(rhs) == 2
         assert int(p.answer) == value
         assert len(format_prompt(p.question)) + len(p.solution) <= 100
 
@@ -69,8 +69,9 @@ def test_solution_steps_are_delimited_and_correct():
 def test_hand_worked_problem():
     rng = np.random.default_rng(0)
     p = generate_problem(rng=rng, config=TaskConfig(min_ops=1, max_ops=1, mul_weight=1.0), problem_id="x")
-    x, y = int(p.question[:3]), int(p.question[4:])
-    assert p.solution == f"{x:03d}*{y}={x * y % 1000:03d}\n\nAnswer: {x * y % 1000:03d}"
+    x, y = int(p.question[:2]), int(p.question[3:])
+    assert p.question[2] == "*" and 2 <= y <= 9
+    assert p.solution == f"{x:02d}*{y}={x * y % 100:02d}\n\nAnswer: {x * y % 100:02d}"
 
 
 @pytest.mark.parametrize(
