@@ -29,7 +29,8 @@ from specreason_rt.manifest import (
 )
 
 from .errors import ExportError
-from .onnx_export import EXTERNAL_DATA_BYTES, KV_NAMES, export_onnx
+from .graph import ATTENTION_VARIANTS
+from .onnx_export import EXTERNAL_DATA_BYTES, GQA_HEAD_DIM_MULTIPLE, KV_NAMES, export_onnx
 from .progress import Progress
 from .quantize import quantize
 from .sources import Source, load_source
@@ -52,6 +53,7 @@ class ExportOptions:
     force: bool = False
     step_delimiter: str = "\n\n"
     decode_steps: int = 8
+    attention: str = "auto"  # "gqa" | "plain" | "auto" (gqa where the head size allows it)
     max_logit_diff: float | None = None  # None: the precision's default tolerance
     min_agreement: float | None = None
     show_progress: bool = True
@@ -63,6 +65,8 @@ class ExportOptions:
             raise ExportError(f"--decode-steps must be >= 8 (got {self.decode_steps})")
         if not self.step_delimiter:
             raise ExportError("--step-delimiter must not be empty")
+        if self.attention not in ("auto", *ATTENTION_VARIANTS):
+            raise ExportError(f"unknown attention {self.attention!r}: choose auto, {', '.join(ATTENTION_VARIANTS)}")
 
     def tolerance(self) -> Tolerance:
         base = DEFAULT_TOLERANCES[self.precision]
@@ -128,6 +132,23 @@ def _tokenizer_signature(tokenizer_json: Path) -> str:
     return json.dumps({k: data.get(k) for k in keys}, sort_keys=True)
 
 
+KV_OUTPUTS = {
+    "plain": "new tokens only; the runtime writes them into its cache",
+    "gqa": "present is the past buffer itself: bind both to the runtime's cache (IO binding), updated in place",
+}
+
+
+def _attention_for(*, role: str, arch: Architecture, requested: str) -> str:
+    fits_gqa = arch.head_dim % GQA_HEAD_DIM_MULTIPLE == 0
+    if requested == "auto":
+        return "gqa" if fits_gqa else "plain"
+    if requested == "gqa" and not fits_gqa:
+        raise ExportError(f"{role}: --attention gqa needs a head size that is a multiple of "
+                          f"{GQA_HEAD_DIM_MULTIPLE} (ONNX Runtime's kernel), this model has {arch.head_dim}; "
+                          "use --attention plain")
+    return requested
+
+
 def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> ModelEntry:
     role_dir = tmp / role
     role_dir.mkdir()
@@ -135,15 +156,17 @@ def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, prog
     external = arch.parameters * 4 > EXTERNAL_DATA_BYTES
     fp32_path = role_dir / "model.onnx" if opts.precision == "fp32" else tmp / f".{role}-fp32" / "model.onnx"
     fp32_path.parent.mkdir(exist_ok=True)
+    attention = _attention_for(role=role, arch=arch, requested=opts.attention)
     with progress.stage(f"{role}: export ONNX graph ({arch.family}, {arch.layers} layers, "
-                        f"{arch.parameters / 1e6:.1f}M parameters)"):
-        io = export_onnx(model=src.model, out_path=fp32_path)
+                        f"{arch.parameters / 1e6:.1f}M parameters, {attention} attention)"):
+        io = export_onnx(model=src.model, out_path=fp32_path, attention=attention)
     if opts.precision != "fp32":
         with progress.stage(f"{role}: quantize weights to {opts.precision}"):
             quantize(src=fp32_path, dst=role_dir / "model.onnx", precision=opts.precision, external_data=external)
         shutil.rmtree(fp32_path.parent)
     with progress.stage(f"{role}: validate against PyTorch ({opts.decode_steps} decode steps, ragged batch)"):
-        report = validate(model=src.model, onnx_path=role_dir / "model.onnx", prompts=_validation_prompts(src),
+        report = validate(model=src.model, onnx_path=role_dir / "model.onnx", attention=attention,
+                          prompts=_validation_prompts(src),
                           precision=opts.precision, decode_steps=opts.decode_steps, tolerance=opts.tolerance())
         progress.info(f"max |logit diff| {report['max_abs_logit_diff']:.2e}, greedy agreement "
                       f"{report['greedy_agreement']:.0%} over {report['greedy_positions_checked']} positions")
@@ -157,8 +180,8 @@ def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, prog
     src.tokenizer.save_pretrained(str(role_dir))
     return ModelEntry(
         role=role, file=f"{role}/model.onnx", precision=opts.precision, architecture=arch, io=io,
-        kv_cache={"layout": ["branches", "kv_heads", "tokens", "head_dim"], "dtype": "float32",
-                  "outputs": "new tokens only; the runtime writes them into its cache", **KV_NAMES},
+        kv_cache={"attention": attention, "layout": ["branches", "kv_heads", "tokens", "head_dim"],
+                  "dtype": "float32", "outputs": KV_OUTPUTS[attention], **KV_NAMES[attention]},
         tokenizer=f"{role}/tokenizer.json", generation=_generation(src, opts.step_delimiter),
         source={"kind": src.kind, "id": src.ident, "files": src.file_hashes}, validation=report,
     )

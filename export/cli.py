@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle directory to create (default: ./specreason-bundle)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
                    help="weights: fp32, int8 (dynamic, CPU) or int4 (MatMulNBits, CPU/edge); default fp32")
+    p.add_argument("--attention", default="auto", choices=["auto", "gqa", "plain"],
+                   help="gqa: ONNX Runtime's GroupQueryAttention with an in-place KV cache (fastest on ORT); "
+                        "plain: standard ONNX ops only (TensorRT); auto (default): gqa where the head size allows")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists (only once the new bundle is done)")
     p.add_argument("--step-delimiter", default="\n\n", metavar="TEXT",
                    help=r"text that ends a reasoning step, recorded in the manifest (default: a blank line, '\n\n')")
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = ExportOptions(speculator=args.speculator, verifier=args.verifier, out=args.out,
                              precision=args.precision, force=args.force, step_delimiter=delimiter,
+                             attention=args.attention,
                              decode_steps=args.decode_steps, max_logit_diff=args.max_logit_diff,
                              min_agreement=args.min_agreement, show_progress=not args.quiet)
         manifest = write_bundle(opts)

@@ -11,46 +11,69 @@ from .graph import BranchDecoder
 OPSET = 17
 # ONNX protobuf files cannot exceed 2 GiB; past this size the weights go to an external data file.
 EXTERNAL_DATA_BYTES = 1 << 30
-KV_NAMES = {"past_key": "past_key.{}", "past_value": "past_value.{}",
-            "new_key": "new_key.{}", "new_value": "new_value.{}"}
+# Per attention variant: the names of the cache inputs and outputs (formatted with the layer index).
+KV_NAMES = {
+    "plain": {"past_key": "past_key.{}", "past_value": "past_value.{}",
+              "new_key": "new_key.{}", "new_value": "new_value.{}"},
+    "gqa": {"past_key": "past_key.{}", "past_value": "past_value.{}",
+            "present_key": "present_key.{}", "present_value": "present_value.{}"},
+}
+GQA_HEAD_DIM_MULTIPLE = 16  # ONNX Runtime's CPU GroupQueryAttention kernel requires it
 
 
-def io_spec(*, layers: int, kv_heads: int, head_dim: int, vocab: int) -> dict[str, list[dict[str, Any]]]:
+def io_spec(*, attention: str, layers: int, kv_heads: int, head_dim: int, vocab: int
+            ) -> dict[str, list[dict[str, Any]]]:
     """The graph's inputs and outputs with symbolic dims, exactly as recorded in the manifest."""
-    kv_past = ["branches", kv_heads, "past_tokens", head_dim]
-    kv_new = ["branches", kv_heads, "new_tokens", head_dim]
-    inputs = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["branches", "new_tokens"]},
-        {"name": "position_ids", "dtype": "int64", "shape": ["branches", "new_tokens"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["branches", "total_tokens"]},
-        {"name": "logits_index", "dtype": "int64", "shape": ["branches", "logit_positions"]},
-    ]
-    inputs += [{"name": KV_NAMES["past_key"].format(i), "dtype": "float32", "shape": kv_past} for i in range(layers)]
-    inputs += [{"name": KV_NAMES["past_value"].format(i), "dtype": "float32", "shape": kv_past}
-               for i in range(layers)]
+    names = KV_NAMES[attention]
+    inputs: list[dict[str, Any]] = [{"name": "input_ids", "dtype": "int64", "shape": ["branches", "new_tokens"]}]
+    if attention == "plain":
+        kv_in = ["branches", kv_heads, "past_tokens", head_dim]
+        kv_out = ["branches", kv_heads, "new_tokens", head_dim]
+        out_key, out_value = names["new_key"], names["new_value"]
+        inputs += [
+            {"name": "position_ids", "dtype": "int64", "shape": ["branches", "new_tokens"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["branches", "total_tokens"]},
+        ]
+    else:
+        kv_in = kv_out = ["branches", kv_heads, "capacity", head_dim]
+        out_key, out_value = names["present_key"], names["present_value"]
+        inputs += [
+            {"name": "seqlens_k", "dtype": "int32", "shape": ["branches"]},
+            {"name": "total_sequence_length", "dtype": "int32", "shape": []},
+        ]
+    inputs.append({"name": "logits_index", "dtype": "int64", "shape": ["branches", "logit_positions"]})
+    inputs += [{"name": names["past_key"].format(i), "dtype": "float32", "shape": kv_in} for i in range(layers)]
+    inputs += [{"name": names["past_value"].format(i), "dtype": "float32", "shape": kv_in} for i in range(layers)]
     outputs = [{"name": "logits", "dtype": "float32", "shape": ["branches", "logit_positions", vocab]}]
-    outputs += [{"name": KV_NAMES["new_key"].format(i), "dtype": "float32", "shape": kv_new} for i in range(layers)]
-    outputs += [{"name": KV_NAMES["new_value"].format(i), "dtype": "float32", "shape": kv_new}
-                for i in range(layers)]
+    outputs += [{"name": out_key.format(i), "dtype": "float32", "shape": kv_out} for i in range(layers)]
+    outputs += [{"name": out_value.format(i), "dtype": "float32", "shape": kv_out} for i in range(layers)]
     return {"inputs": inputs, "outputs": outputs}
 
 
-def export_onnx(*, model: Any, out_path: Path) -> dict[str, list[dict[str, Any]]]:
+def export_onnx(*, model: Any, out_path: Path, attention: str) -> dict[str, list[dict[str, Any]]]:
     """Write `model` (a transformers Llama-family CausalLM) as an fp32 ONNX graph; return its IO spec."""
     import torch
 
-    decoder = BranchDecoder(model).eval()
+    decoder = BranchDecoder(model, attention=attention).eval()
     cfg = model.config
     layers = cfg.num_hidden_layers
-    spec = io_spec(layers=layers, kv_heads=decoder.kv_heads, head_dim=decoder.head_dim, vocab=cfg.vocab_size)
+    spec = io_spec(attention=attention, layers=layers, kv_heads=decoder.kv_heads, head_dim=decoder.head_dim,
+                   vocab=cfg.vocab_size)
 
     # Trace with past > 0 and new > 1 so no dimension is specialised to 0 or 1.
     branches, new, past = 2, 3, 2
     ids = torch.zeros((branches, new), dtype=torch.int64)
-    pos = torch.arange(past, past + new).repeat(branches, 1)
-    mask = torch.ones((branches, past + new), dtype=torch.int64)
     index = torch.zeros((branches, 1), dtype=torch.int64)
-    kv = [torch.zeros((branches, decoder.kv_heads, past, decoder.head_dim)) for _ in range(2 * layers)]
+    if attention == "plain":
+        pos = torch.arange(past, past + new).repeat(branches, 1)
+        mask = torch.ones((branches, past + new), dtype=torch.int64)
+        extra: tuple[torch.Tensor, ...] = (pos, mask)
+        kv_len = past
+    else:
+        seqlens = torch.full((branches,), past + new - 1, dtype=torch.int32)
+        extra = (seqlens, torch.tensor(past + new, dtype=torch.int32))
+        kv_len = past + new + 3  # a capacity larger than needed, as at run time
+    kv = [torch.zeros((branches, decoder.kv_heads, kv_len, decoder.head_dim)) for _ in range(2 * layers)]
 
     dynamic_axes: dict[str, dict[int, str]] = {}
     for tensor in spec["inputs"] + spec["outputs"]:
@@ -62,7 +85,8 @@ def export_onnx(*, model: Any, out_path: Path) -> dict[str, list[dict[str, Any]]
         # dynamic axes; the tracer warnings about Python ints in shapes are expected and harmless here.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            decoder, (ids, pos, mask, index, *kv), str(out_path), dynamo=False, opset_version=OPSET,
+            decoder, (ids, *extra, index, *kv), str(out_path), dynamo=False, opset_version=OPSET,
+            custom_opsets={"com.microsoft": 1},
             input_names=[t["name"] for t in spec["inputs"]],
             output_names=[t["name"] for t in spec["outputs"]],
             dynamic_axes=dynamic_axes, do_constant_folding=True,

@@ -51,11 +51,8 @@ def run_onnx(*, engine: OrtEngine, prompts: list[list[int]], decode_steps: int, 
     ids = np.zeros((branches, width), np.int64)  # [branches, width], right-padded
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = p
-    keys, values, mask, positions = cache.step_inputs(lens, width)
     index = np.tile(np.arange(width), (branches, 1))
-    logits, new_k, new_v = engine.forward(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                          logits_index=index, past_keys=keys, past_values=values)
-    cache.append(new_k, new_v, lens)
+    logits = engine.step(cache=cache, input_ids=ids, n_new=lens, logits_index=index)
     rows = [[logits[b, t] for t in range(lens[b])] for b in range(branches)]
     tokens = [list(p) for p in prompts]
     nxt = np.array([int(np.argmax(logits[b, lens[b] - 1])) for b in range(branches)], np.int64)
@@ -66,19 +63,15 @@ def run_onnx(*, engine: OrtEngine, prompts: list[list[int]], decode_steps: int, 
     for _ in range(decode_steps):
         for b in range(branches):
             tokens[b].append(int(nxt[b]))
-        keys, values, mask, positions = cache.step_inputs(ones, 1)
-        logits, new_k, new_v = engine.forward(input_ids=nxt[:, None], position_ids=positions,
-                                              attention_mask=mask, logits_index=zero_index,
-                                              past_keys=keys, past_values=values)
-        cache.append(new_k, new_v, ones)
+        logits = engine.step(cache=cache, input_ids=nxt[:, None], n_new=ones, logits_index=zero_index)
         for b in range(branches):
             rows[b].append(logits[b, 0])
         nxt = np.argmax(logits[:, 0], axis=-1).astype(np.int64)
     return [np.stack(r) for r in rows], tokens
 
 
-def validate(*, model: Any, onnx_path: Path, prompts: list[list[int]], precision: str, decode_steps: int = 8,
-             tolerance: Tolerance | None = None) -> dict[str, Any]:
+def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[int]], precision: str,
+             decode_steps: int = 8, tolerance: Tolerance | None = None) -> dict[str, Any]:
     """Compare the ONNX graph with `model`; return the report recorded in the manifest."""
     import torch
 
@@ -87,7 +80,8 @@ def validate(*, model: Any, onnx_path: Path, prompts: list[list[int]], precision
     tol = tolerance or DEFAULT_TOLERANCES[precision]
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    engine = OrtEngine(model_path=onnx_path, layers=cfg.num_hidden_layers, kv_names=KV_NAMES)
+    engine = OrtEngine(model_path=onnx_path, layers=cfg.num_hidden_layers, kv_names=KV_NAMES[attention],
+                       attention=attention)
     onnx_rows, tokens = run_onnx(engine=engine, prompts=prompts, decode_steps=decode_steps,
                                  kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
                                  max_context=cfg.max_position_embeddings)
@@ -108,6 +102,7 @@ def validate(*, model: Any, onnx_path: Path, prompts: list[list[int]], precision
         "passed": passed,
         "reference": "transformers (PyTorch, fp32) on the source weights, each branch run alone",
         "precision": precision,
+        "attention": attention,
         "branches": len(prompts),
         "prompt_lengths": [len(p) for p in prompts],
         "decode_steps": decode_steps,

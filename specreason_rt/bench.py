@@ -34,6 +34,11 @@ def _median_ms(fn: Callable[[], object], *, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _prefill(*, engine: OrtEngine, cache: KVCache, ids: np.ndarray, n_new: np.ndarray, index: np.ndarray) -> None:
+    cache.lengths[:] = 0  # start from an empty cache every run
+    engine.step(cache=cache, input_ids=ids, n_new=n_new, logits_index=index)
+
+
 def bench_logits(*, bundle: str | Path, role: str = "speculator", branches: tuple[int, ...] = (1, 4),
                  prompt_tokens: int = 512, repeats: int = 5, threads: int = 0) -> dict[str, Any]:
     manifest = load_manifest(bundle)
@@ -45,15 +50,13 @@ def bench_logits(*, bundle: str | Path, role: str = "speculator", branches: tupl
     rows = []
     for b in branches:
         cache = KVCache(layers=arch.layers, kv_heads=arch.kv_heads, head_dim=arch.head_dim, branches=b,
-                        max_context=arch.max_context)
+                        max_context=arch.max_context, capacity=tokens)
         n_new = np.full(b, tokens, np.int64)
-        keys, values, mask, pos = cache.step_inputs(n_new, tokens)
         ids = rng.integers(4, arch.vocab_size, size=(b, tokens), dtype=np.int64)  # [branches, tokens]
         row: dict[str, Any] = {"branches": b, "prompt_tokens": tokens}
         for label, index in (("last_only", np.full((b, 1), tokens - 1, np.int64)),
                              ("all_positions", np.tile(np.arange(tokens), (b, 1)))):
-            run = functools.partial(engine.forward, input_ids=ids, position_ids=pos, attention_mask=mask,
-                                    logits_index=index, past_keys=keys, past_values=values)
+            run = functools.partial(_prefill, engine=engine, cache=cache, ids=ids, n_new=n_new, index=index)
             row[f"{label}_ms"] = round(_median_ms(run, repeats=repeats), 2)
             row[f"{label}_logits_mb"] = round(b * index.shape[1] * arch.vocab_size * 4 / 2**20, 2)
         row["saved_ms"] = round(row["all_positions_ms"] - row["last_only_ms"], 2)
@@ -68,7 +71,7 @@ def _decode_ms(*, engine: OrtEngine, arch: Architecture, branches: int, context:
                rng: np.random.Generator) -> float:
     """Mean ms of one decode step over `steps` greedy steps after `context` cached tokens per branch."""
     cache = KVCache(layers=arch.layers, kv_heads=arch.kv_heads, head_dim=arch.head_dim, branches=branches,
-                    max_context=arch.max_context, capacity=context + steps)
+                    max_context=arch.max_context, capacity=context + steps + 1)
     # Random keys/values stand in for a prefilled context: a decode step's cost does not depend on their values.
     for k, v in zip(cache.keys, cache.values, strict=True):
         k[:, :, :context] = rng.standard_normal(k[:, :, :context].shape, np.float32)
@@ -79,10 +82,7 @@ def _decode_ms(*, engine: OrtEngine, arch: Architecture, branches: int, context:
     token = rng.integers(4, arch.vocab_size, size=(branches, 1), dtype=np.int64)  # [branches, 1]
     start = time.perf_counter()
     for _ in range(steps):
-        keys, values, mask, pos = cache.step_inputs(ones, 1)
-        logits, nk, nv = engine.forward(input_ids=token, position_ids=pos, attention_mask=mask,
-                                        logits_index=zero_index, past_keys=keys, past_values=values)
-        cache.append(nk, nv, ones)
+        logits = engine.step(cache=cache, input_ids=token, n_new=ones, logits_index=zero_index)
         token = logits[:, 0].argmax(-1)[:, None].astype(np.int64)
     return (time.perf_counter() - start) * 1e3 / steps
 

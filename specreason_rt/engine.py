@@ -1,4 +1,9 @@
-"""ONNX Runtime engine: one InferenceSession per model, driven through the manifest's IO names."""
+"""ONNX Runtime engine: one InferenceSession per model, driven through the manifest's IO names.
+
+Two graph variants (export/graph.py): "plain" graphs return the new tokens' keys/values, which `step`
+writes into the cache; "gqa" graphs use GroupQueryAttention with past and present bound to the cache's
+own buffers (IO binding), so the op writes the new entries in place and a decode step copies no cache.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError, ConfigError
+from .kv_cache import KVCache
 from .manifest import ModelEntry
 
 # CLI names -> ONNX Runtime execution providers. Later entries in a list are fallbacks for unsupported ops.
@@ -31,11 +37,13 @@ def resolve_providers(name: str) -> list[str]:
 
 
 class OrtEngine:
-    """Runs one forward of a bundle model. The manifest, not the graph, names every tensor."""
+    """Runs forwards of one bundle model. The manifest, not the graph, names every tensor."""
 
-    def __init__(self, *, model_path: str | Path, layers: int, kv_names: dict[str, str],
+    def __init__(self, *, model_path: str | Path, layers: int, kv_names: dict[str, str], attention: str,
                  expected_inputs: list[str] | None = None, providers: list[str] | None = None,
                  intra_op_threads: int = 0) -> None:
+        if attention not in ("plain", "gqa"):
+            raise BundleError(f"{model_path}: unknown attention variant {attention!r}; re-export the bundle")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3
@@ -47,32 +55,103 @@ class OrtEngine:
                 raise BundleError(f"{model_path}: graph inputs {sorted(actual - expected)} are not in the manifest "
                                   f"and manifest inputs {sorted(expected - actual)} are not in the graph; "
                                   "re-export the bundle")
+        self.attention = attention
         self.layers = layers
         self.past_key_names = [kv_names["past_key"].format(i) for i in range(layers)]
         self.past_value_names = [kv_names["past_value"].format(i) for i in range(layers)]
-        self.output_names = ["logits"]
-        self.output_names += [kv_names["new_key"].format(i) for i in range(layers)]
-        self.output_names += [kv_names["new_value"].format(i) for i in range(layers)]
+        out_key, out_value = ("new_key", "new_value") if attention == "plain" else ("present_key", "present_value")
+        self.out_key_names = [kv_names[out_key].format(i) for i in range(layers)]
+        self.out_value_names = [kv_names[out_value].format(i) for i in range(layers)]
+        self._binding: ort.IOBinding | None = None
+        self._bound_arrays: list[np.ndarray] = []  # kept alive, so identity comparison stays meaningful
 
     @classmethod
     def from_bundle(cls, *, bundle_dir: str | Path, entry: ModelEntry, providers: list[str] | None = None,
                     intra_op_threads: int = 0) -> OrtEngine:
         return cls(model_path=Path(bundle_dir) / entry.file, layers=entry.architecture.layers,
-                   kv_names=entry.kv_cache, expected_inputs=[t["name"] for t in entry.io["inputs"]],
+                   kv_names=entry.kv_cache, attention=entry.kv_cache.get("attention", "plain"),
+                   expected_inputs=[t["name"] for t in entry.io["inputs"]],
                    providers=providers, intra_op_threads=intra_op_threads)
+
+    def step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
+             ) -> np.ndarray:
+        """Append the first n_new[b] tokens of input_ids[b] to branch b; return logits [branches, k, vocab].
+
+        input_ids: [branches, new] right-padded; n_new: [branches] (0 leaves a branch unchanged);
+        logits_index: [branches, k] positions (< new) whose logits are wanted.
+        """
+        if self.attention == "plain":
+            return self._step_plain(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index)
+        branches, new = input_ids.shape
+        # The padded tail of a row is written past the branch's length and never attended: reserve room for it.
+        cache.reserve(int(cache.lengths.max()) + new)
+        if new > 1 and branches > 1 and int(cache.lengths.max()) > 0:
+            # ONNX Runtime's GroupQueryAttention takes several new tokens on top of a cache for batch 1 only,
+            # so such a call (verifying drafted steps, say) runs branch by branch on views of the cache.
+            rows = [self._run_gqa(keys=[k[b:b + 1] for k in cache.keys], values=[v[b:b + 1] for v in cache.values],
+                                  lengths=cache.lengths[b:b + 1], input_ids=input_ids[b:b + 1],
+                                  logits_index=logits_index[b:b + 1], reuse=False)
+                    for b in range(branches) if n_new[b] > 0]
+            logits = np.zeros((branches, logits_index.shape[1], rows[0].shape[-1]), np.float32)
+            logits[n_new > 0] = np.concatenate(rows)
+        else:
+            logits = self._run_gqa(keys=cache.keys, values=cache.values, lengths=cache.lengths,
+                                   input_ids=input_ids, logits_index=logits_index, reuse=True)
+        cache.lengths = cache.lengths + n_new
+        return logits
+
+    def _run_gqa(self, *, keys: list[np.ndarray], values: list[np.ndarray], lengths: np.ndarray,
+                 input_ids: np.ndarray, logits_index: np.ndarray, reuse: bool) -> np.ndarray:
+        new = input_ids.shape[1]
+        seqlens = (lengths + new - 1).astype(np.int32)  # [branches]: every row counts as `new` tokens long
+        total = np.array(int(lengths.max()) + new, np.int32)
+        arrays = [*keys, *values]
+        same = len(arrays) == len(self._bound_arrays) and all(
+            a is b for a, b in zip(arrays, self._bound_arrays, strict=True))
+        if not reuse or self._binding is None or not same:
+            # Bind each cache buffer as both past input and present output: GQA then updates it in place.
+            binding = self.session.io_binding()
+            for names, arrays in ((zip(self.past_key_names, self.out_key_names, strict=True), keys),
+                                  (zip(self.past_value_names, self.out_value_names, strict=True), values)):
+                for (past, present), array in zip(names, arrays, strict=True):
+                    value = ort.OrtValue.ortvalue_from_numpy(array)
+                    binding.bind_ortvalue_input(past, value)
+                    binding.bind_ortvalue_output(present, value)
+            if reuse:
+                self._binding, self._bound_arrays = binding, arrays
+        else:
+            binding = self._binding
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("seqlens_k", seqlens)
+        binding.bind_cpu_input("total_sequence_length", total)
+        binding.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, np.int64))
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[-1].numpy()
+
+    def _step_plain(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
+                    ) -> np.ndarray:
+        keys, values, mask, positions = cache.step_inputs(n_new, input_ids.shape[1])
+        logits, new_keys, new_values = self.forward(input_ids=input_ids, position_ids=positions,
+                                                    attention_mask=mask, logits_index=logits_index,
+                                                    past_keys=keys, past_values=values)
+        cache.append(new_keys, new_values, n_new)
+        return logits
 
     def forward(self, *, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                 logits_index: np.ndarray, past_keys: list[np.ndarray], past_values: list[np.ndarray]
                 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """One forward over the new tokens of every branch.
+        """One forward of a "plain" graph over the new tokens of every branch.
 
         input_ids, position_ids: [branches, new]; attention_mask: [branches, past + new];
         logits_index: [branches, k]; past_*: [branches, kv_heads, past, head_dim]
         returns logits [branches, k, vocab], new keys / values [branches, kv_heads, new, head_dim]
         """
+        if self.attention != "plain":
+            raise ConfigError("forward() drives plain-attention graphs; use step() for this gqa graph")
         feed = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
                 "logits_index": logits_index}
         feed.update(zip(self.past_key_names, past_keys, strict=True))
         feed.update(zip(self.past_value_names, past_values, strict=True))
-        out = self.session.run(self.output_names, feed)
+        out = self.session.run(["logits", *self.out_key_names, *self.out_value_names], feed)
         return out[0], out[1:1 + self.layers], out[1 + self.layers:]

@@ -45,13 +45,9 @@ class RoleModel:
         ids = np.full((cache.branches, width), self.generation.pad_id, np.int64)  # [branches, width]
         for b, t in enumerate(tokens):
             ids[b, :len(t)] = t
-        keys, values, mask, positions = cache.step_inputs(n_new, width)
         if all_logits:
             index = np.tile(np.arange(width, dtype=np.int64), (cache.branches, 1))  # [branches, width]
         else:
             index = np.maximum(n_new - 1, 0)[:, None]  # [branches, 1]: only what the sampler needs
-        logits, new_keys, new_values = self.engine.forward(
-            input_ids=ids, position_ids=positions, attention_mask=mask, logits_index=index,
-            past_keys=keys, past_values=values)
-        cache.append(new_keys, new_values, n_new)
+        logits = self.engine.step(cache=cache, input_ids=ids, n_new=n_new, logits_index=index)
         return logits if all_logits else logits[:, 0]

@@ -11,12 +11,12 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def save_tiny_llama(out: Path, *, vocab_size: int, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer Llama with GQA, saved as a Hugging Face directory (no tokenizer)."""
+    """A randomly initialised 2-layer Llama with grouped KV heads (head size 16), as a Hugging Face directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(out)
@@ -103,12 +103,28 @@ def read_manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
-    """A bundle of the tiny random Llama in both roles (fp32): fast, independent of trained weights."""
+def _tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, attention: str) -> Path:
     from specreason_export.bundle import ExportOptions, write_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny-fp32"
+    out = tmp_path_factory.mktemp("bundles") / f"tiny-fp32-{attention}"
     write_bundle(ExportOptions(speculator=str(tiny_llama_dir), verifier=str(tiny_llama_dir), out=out,
-                               show_progress=False))
+                               attention=attention, show_progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The tiny random Llama in both roles (fp32, GroupQueryAttention graph): fast, no trained weights needed."""
+    return _tiny_bundle(tmp_path_factory, tiny_llama_dir, "gqa")
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The same model exported with plain-ONNX attention (the TensorRT-parsable variant)."""
+    return _tiny_bundle(tmp_path_factory, tiny_llama_dir, "plain")
+
+
+@pytest.fixture(params=["gqa", "plain"])
+def any_tiny_bundle(request: pytest.FixtureRequest) -> Path:
+    """Both attention variants: runtime behaviour must not depend on which one a bundle uses."""
+    return request.getfixturevalue("tiny_bundle" if request.param == "gqa" else "tiny_plain_bundle")

@@ -40,16 +40,16 @@ def assert_parity(bundle_dir: Path, hf_model, prompts: list[list[int]], max_new_
         np.testing.assert_allclose(out.logprobs, ref_logprobs, atol=1e-4)
 
 
-def test_tiny_model_batched_greedy_matches_transformers(tiny_bundle: Path, tiny_llama_dir: Path) -> None:
+def test_tiny_model_batched_greedy_matches_transformers(any_tiny_bundle: Path, tiny_llama_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     prompts = [[1, 40, 41], [1, 50, 51, 52, 53, 54, 55], [1, 60]]  # different lengths in one batch
-    assert_parity(tiny_bundle, hf, prompts, max_new_tokens=20)
+    assert_parity(any_tiny_bundle, hf, prompts, max_new_tokens=20)
 
 
-def test_seeded_sampling_reproduces(tiny_bundle: Path) -> None:
-    bundle = Bundle(tiny_bundle, roles=["speculator"])
+def test_seeded_sampling_reproduces(any_tiny_bundle: Path) -> None:
+    bundle = Bundle(any_tiny_bundle, roles=["speculator"])
     model, tok = bundle.models["speculator"], bundle.tokenizers["speculator"]
     params = SamplingParams(temperature=1.0, top_p=0.95)
 
@@ -64,8 +64,8 @@ def test_seeded_sampling_reproduces(tiny_bundle: Path) -> None:
     assert len({tuple(t) for t in first}) > 1  # forked branches sample independently
 
 
-def test_forked_greedy_branches_equal_a_single_run(tiny_bundle: Path) -> None:
-    bundle = Bundle(tiny_bundle, roles=["speculator"])
+def test_forked_greedy_branches_equal_a_single_run(any_tiny_bundle: Path) -> None:
+    bundle = Bundle(any_tiny_bundle, roles=["speculator"])
     model, tok = bundle.models["speculator"], bundle.tokenizers["speculator"]
     single = generate(model=model, tokenizer=tok, prompts=[[1, 40, 41]], params=GREEDY,
                       rng=np.random.default_rng(0), max_tokens=12)[0]
@@ -74,8 +74,8 @@ def test_forked_greedy_branches_equal_a_single_run(tiny_bundle: Path) -> None:
     assert [o.tokens for o in forked] == [single.tokens] * 3
 
 
-def test_decode_stops_each_branch_at_its_own_limit(tiny_bundle: Path) -> None:
-    bundle = Bundle(tiny_bundle, roles=["speculator"])
+def test_decode_stops_each_branch_at_its_own_limit(any_tiny_bundle: Path) -> None:
+    bundle = Bundle(any_tiny_bundle, roles=["speculator"])
     model, tok = bundle.models["speculator"], bundle.tokenizers["speculator"]
     cache = model.new_cache(branches=2)
     logits = model.forward(cache=cache, tokens=[[1, 40], [1, 41, 42, 43]])

@@ -93,18 +93,15 @@ class Runner:
         ids = np.zeros((cache.branches, width), np.int64)
         for b, t in enumerate(tokens):
             ids[b, :len(t)] = t
-        keys, values, mask, pos = cache.step_inputs(n_new, width)
-        logits, nk, nv = self.engine.forward(input_ids=ids, position_ids=pos, attention_mask=mask,
-                                             logits_index=(n_new - 1)[:, None], past_keys=keys, past_values=values)
-        cache.append(nk, nv, n_new)
+        logits = self.engine.step(cache=cache, input_ids=ids, n_new=n_new, logits_index=(n_new - 1)[:, None])
         return logits[:, 0]
 
     def fresh(self, tokens: list[int]) -> np.ndarray:
         return self.step(self.cache(), [tokens])[0]
 
 
-def test_fork_gather_rewind_continue_like_fresh_branches(tiny_bundle: Path) -> None:
-    r = Runner(tiny_bundle)
+def test_fork_gather_rewind_continue_like_fresh_branches(any_tiny_bundle: Path) -> None:
+    r = Runner(any_tiny_bundle)
     prompt = [1, 40, 41, 42, 43, 44]
     cache = r.cache()
     r.step(cache, [prompt])
@@ -124,15 +121,13 @@ def test_fork_gather_rewind_continue_like_fresh_branches(tiny_bundle: Path) -> N
     np.testing.assert_allclose(out[1], r.fresh(prompt + [50, 51, 81, 91]), atol=1e-5)
 
 
-def test_logits_only_where_asked(tiny_bundle: Path) -> None:
-    r = Runner(tiny_bundle)
+def test_logits_only_where_asked(any_tiny_bundle: Path) -> None:
+    r = Runner(any_tiny_bundle)
     cache = r.cache()
-    keys, values, mask, pos = cache.step_inputs(np.array([7]), 7)
     ids = np.arange(10, 17, dtype=np.int64)[None]
-    every, _, _ = r.engine.forward(input_ids=ids, position_ids=pos, attention_mask=mask,
-                                   logits_index=np.arange(7)[None], past_keys=keys, past_values=values)
-    last, _, _ = r.engine.forward(input_ids=ids, position_ids=pos, attention_mask=mask,
-                                  logits_index=np.array([[6]]), past_keys=keys, past_values=values)
+    every = r.engine.step(cache=cache, input_ids=ids, n_new=np.array([7]), logits_index=np.arange(7)[None])
+    cache = r.cache()
+    last = r.engine.step(cache=cache, input_ids=ids, n_new=np.array([7]), logits_index=np.array([[6]]))
     assert every.shape == (1, 7, r.entry.architecture.vocab_size) and last.shape == (1, 1, every.shape[2])
     np.testing.assert_allclose(last[0, 0], every[0, 6], atol=1e-6)
 
