@@ -39,9 +39,16 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, heads, kv_heads, scale):
-        return g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin,
-                    num_heads_i=heads, kv_num_heads_i=kv_heads, do_rotary_i=1, rotary_interleaved_i=0,
-                    scale_f=scale, outputs=3)
+        out, present_k, present_v = g.op(
+            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin,
+            num_heads_i=heads, kv_num_heads_i=kv_heads, do_rotary_i=1, rotary_interleaved_i=0, scale_f=scale,
+            outputs=3)
+        # Give the tracer the output types (the op has no shape inference in torch): out is shaped like q,
+        # the presents like the pasts they alias.
+        out.setType(q.type())
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        return out, present_k, present_v
 
 
 class BranchDecoder(nn.Module):
