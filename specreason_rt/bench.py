@@ -11,9 +11,11 @@ token); a graph that returns every position materialises [B, T, vocab] floats. O
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,9 @@ def bench_logits(*, bundle: str | Path, role: str = "speculator", branches: tupl
 
 
 def _decode_ms(*, engine: OrtEngine, arch: Architecture, branches: int, context: int, steps: int,
-               rng: np.random.Generator) -> float:
-    """Mean ms of one decode step over `steps` greedy steps after `context` cached tokens per branch."""
+               rng: np.random.Generator) -> tuple[float, float]:
+    """Mean ms of one decode step over `steps` greedy steps after `context` cached tokens per branch,
+    and the part of it spent inside ONNX Runtime."""
     cache = KVCache(layers=arch.layers, kv_heads=arch.kv_heads, head_dim=arch.head_dim, branches=branches,
                     max_context=arch.max_context, capacity=context + steps + 1)
     # Random keys/values stand in for a prefilled context: a decode step's cost does not depend on their values.
@@ -80,24 +83,66 @@ def _decode_ms(*, engine: OrtEngine, arch: Architecture, branches: int, context:
     ones = np.ones(branches, np.int64)
     zero_index = np.zeros((branches, 1), np.int64)
     token = rng.integers(4, arch.vocab_size, size=(branches, 1), dtype=np.int64)  # [branches, 1]
+    ort_before = engine.ort_seconds
     start = time.perf_counter()
     for _ in range(steps):
         logits = engine.step(cache=cache, input_ids=token, n_new=ones, logits_index=zero_index)
         token = logits[:, 0].argmax(-1)[:, None].astype(np.int64)
-    return (time.perf_counter() - start) * 1e3 / steps
+    wall = time.perf_counter() - start
+    return wall * 1e3 / steps, (engine.ort_seconds - ort_before) * 1e3 / steps
+
+
+def _prefill_fork_ms(*, engine: OrtEngine, arch: Architecture, prompt: np.ndarray, n_specs: int) -> float:
+    """Prefill one prompt once and fork its cache into n_specs branches (what best-of-n does)."""
+    cache = KVCache(layers=arch.layers, kv_heads=arch.kv_heads, head_dim=arch.head_dim, branches=1,
+                    max_context=arch.max_context, capacity=prompt.shape[1] + 64)
+    start = time.perf_counter()
+    engine.step(cache=cache, input_ids=prompt, n_new=np.array([prompt.shape[1]]),
+                logits_index=np.array([[prompt.shape[1] - 1]]))
+    if n_specs > 1:
+        cache.fork(n_specs)
+    return (time.perf_counter() - start) * 1e3
+
+
+def read_bandwidth_gbs(*, megabytes: int = 512, repeats: int = 5, threads: int = 0) -> float:
+    """Main-memory read bandwidth: numpy sums over an array far larger than the caches, one slice per
+    thread (numpy releases the GIL while summing), as many threads as ONNX Runtime uses."""
+    workers = threads or os.cpu_count() or 1
+    data = np.ones(megabytes * 2**20 // 4, np.float32)
+    parts = np.array_split(data, workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(np.sum, parts))  # touch every page once
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            seconds.append(time.perf_counter() - start)
+    return data.nbytes / statistics.median(seconds) / 1e9
+
+
+def _weight_bytes(bundle: Path, rel_file: str) -> int:
+    model = bundle / rel_file
+    data = model.with_name(model.name + ".data")
+    return model.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def bench_decode(*, bundle: str | Path, roles: tuple[str, ...] = ("speculator", "verifier"),
                  branches: tuple[int, ...] = (1, 4), contexts: tuple[int, ...] = (64,), steps: int = 32,
-                 repeats: int = 5, threads: int = 0) -> dict[str, Any]:
-    """Per role and (branches, context) cell: median over `repeats` runs of the mean ms per decode step."""
+                 repeats: int = 5, threads: int = 0, prefill_tokens: int = 512,
+                 n_specs: tuple[int, ...] = (1, 4)) -> dict[str, Any]:
+    """Per role and (branches, context) cell: median over `repeats` runs of the mean ms per decode step;
+    per role and n_specs: median ms to prefill one shared prompt and fork it into n_specs branches."""
+    bundle = Path(bundle)
     manifest = load_manifest(bundle)
     rng = np.random.default_rng(0)
+    bandwidth = read_bandwidth_gbs(threads=threads)
     rows: list[dict[str, Any]] = []
+    prefill_rows: list[dict[str, Any]] = []
     for role in roles:
         entry = manifest.models[role]
         arch = entry.architecture
         engine = OrtEngine.from_bundle(bundle_dir=bundle, entry=entry, intra_op_threads=threads)
+        floor_ms = _weight_bytes(bundle, entry.file) / (bandwidth * 1e9) * 1e3
         for b in branches:
             for context in contexts:
                 if context + steps > arch.max_context:
@@ -105,9 +150,21 @@ def bench_decode(*, bundle: str | Path, roles: tuple[str, ...] = ("speculator", 
                 run = functools.partial(_decode_ms, engine=engine, arch=arch, branches=b, context=context,
                                         steps=steps, rng=rng)
                 run()  # warm-up
-                ms = statistics.median(run() for _ in range(repeats))
+                results = [run() for _ in range(repeats)]
+                ms = statistics.median(r[0] for r in results)
+                ort_ms = statistics.median(r[1] for r in results)
                 rows.append({"role": role, "branches": b, "context": context, "ms_per_step": round(ms, 3),
-                             "tokens_per_s": round(b * 1e3 / ms, 1)})
+                             "tokens_per_s": round(b * 1e3 / ms, 1),
+                             "python_overhead_pct": round(100 * (ms - ort_ms) / ms, 2),
+                             "bandwidth_floor_ms": round(floor_ms, 3),
+                             "floor_over_measured": round(floor_ms / ms, 3)})
+        tokens = min(prefill_tokens, arch.max_context - 64)
+        prompt = rng.integers(4, arch.vocab_size, size=(1, tokens), dtype=np.int64)  # [1, tokens]
+        for n in n_specs:
+            run_prefill = functools.partial(_prefill_fork_ms, engine=engine, arch=arch, prompt=prompt, n_specs=n)
+            run_prefill()  # warm-up
+            prefill_rows.append({"role": role, "n_specs": n, "prompt_tokens": tokens,
+                                 "ms": round(statistics.median(run_prefill() for _ in range(repeats)), 2)})
     ratios = {}
     for row in rows:
         spec = next((r for r in rows if r["role"] == "speculator" and r["branches"] == row["branches"]
@@ -115,5 +172,8 @@ def bench_decode(*, bundle: str | Path, roles: tuple[str, ...] = ("speculator", 
         if row["role"] == "verifier" and spec is not None:
             ratios[f"B={row['branches']},T={row['context']}"] = round(row["ms_per_step"] / spec["ms_per_step"], 2)
     return {"benchmark": "decode ms per step", "bundle": str(bundle), "precision": manifest.precision,
-            "steps": steps, "repeats": repeats, "statistic": "median", "results": rows,
-            "verifier_over_speculator": ratios}
+            "attention": {role: manifest.models[role].kv_cache.get("attention", "plain") for role in roles},
+            "steps": steps, "repeats": repeats, "statistic": "median", "threads": threads,
+            "read_bandwidth_gbs": round(bandwidth, 2),
+            "bandwidth_method": "median time of threaded numpy float32 sums over a 512 MiB array",
+            "results": rows, "prefill": prefill_rows, "verifier_over_speculator": ratios}

@@ -56,14 +56,20 @@ def _bench_decode(args: argparse.Namespace) -> int:
     from .bench import bench_decode
 
     result = bench_decode(bundle=args.bundle, branches=tuple(args.branches), contexts=tuple(args.contexts),
-                          steps=args.steps, repeats=args.repeats, threads=args.threads)
+                          steps=args.steps, repeats=args.repeats, threads=args.threads,
+                          prefill_tokens=args.prefill_tokens, n_specs=tuple(args.n_specs))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"decode, {result['precision']}, median of {args.repeats} runs of {args.steps} steps:")
     for r in result["results"]:
         print(f"  {r['role']:<10} B={r['branches']:<2} T={r['context']:<5} {r['ms_per_step']:8.3f} ms/step "
-              f"{r['tokens_per_s']:9.1f} tokens/s")
+              f"{r['tokens_per_s']:9.1f} tokens/s  python overhead {r['python_overhead_pct']:.1f}%  "
+              f"bandwidth floor/measured {r['floor_over_measured']:.2f}")
+    for r in result["prefill"]:
+        print(f"  {r['role']:<10} prefill {r['prompt_tokens']} tokens shared by {r['n_specs']} branches: "
+              f"{r['ms']:.1f} ms")
+    print(f"  read bandwidth {result['read_bandwidth_gbs']} GB/s ({result['bandwidth_method']})")
     for cell, ratio in result["verifier_over_speculator"].items():
         print(f"  verifier / speculator time per step at {cell}: {ratio}x")
     return 0
@@ -167,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--branches", type=int, nargs="+", default=[1, 4], metavar="B")
     decode.add_argument("--contexts", type=int, nargs="+", default=[64], metavar="T")
     decode.add_argument("--steps", type=int, default=32, help="decode steps per run (default 32)")
+    decode.add_argument("--prefill-tokens", type=int, default=512, help="shared prompt length (default 512)")
+    decode.add_argument("--n-specs", type=int, nargs="+", default=[1, 4], help="branches forked from the prompt")
     decode.add_argument("--repeats", type=int, default=5)
     decode.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     decode.add_argument("--json", action="store_true")

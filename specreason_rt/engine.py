@@ -7,6 +7,7 @@ own buffers (IO binding), so the op writes the new entries in place and a decode
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ class OrtEngine:
         out_key, out_value = ("new_key", "new_value") if attention == "plain" else ("present_key", "present_value")
         self.out_key_names = [kv_names[out_key].format(i) for i in range(layers)]
         self.out_value_names = [kv_names[out_value].format(i) for i in range(layers)]
+        self.ort_seconds = 0.0  # wall time spent inside ONNX Runtime calls (for overhead accounting)
         self._binding: ort.IOBinding | None = None
         self._bound_arrays: list[np.ndarray] = []  # kept alive, so identity comparison stays meaningful
 
@@ -126,7 +128,9 @@ class OrtEngine:
         binding.bind_cpu_input("total_sequence_length", total)
         binding.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, np.int64))
         binding.bind_output("logits")
+        start = time.perf_counter()
         self.session.run_with_iobinding(binding)
+        self.ort_seconds += time.perf_counter() - start
         return binding.get_outputs()[-1].numpy()
 
     def _step_plain(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
@@ -153,5 +157,7 @@ class OrtEngine:
                 "logits_index": logits_index}
         feed.update(zip(self.past_key_names, past_keys, strict=True))
         feed.update(zip(self.past_value_names, past_values, strict=True))
+        start = time.perf_counter()
         out = self.session.run(["logits", *self.out_key_names, *self.out_value_names], feed)
+        self.ort_seconds += time.perf_counter() - start
         return out[0], out[1:1 + self.layers], out[1 + self.layers:]

@@ -61,3 +61,20 @@ def test_info_summarises_the_bundle(tiny_bundle: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "speculator" in res.stdout and "greedy agreement 100%" in res.stdout
     assert "KV cache for 4 branches x 128 tokens" in res.stdout  # context capped at the model's max
+
+
+def test_bench_commands_emit_json(tiny_bundle: Path) -> None:
+    """The benchmarks run end to end and report every field (their timings are not checked: not a test)."""
+    res = run("bench", "decode", "--bundle", str(tiny_bundle), "--branches", "1", "2", "--contexts", "8",
+              "--steps", "2", "--repeats", "1", "--prefill-tokens", "16", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert {(r["role"], r["branches"]) for r in data["results"]} == {
+        (role, b) for role in ("speculator", "verifier") for b in (1, 2)}
+    assert {"python_overhead_pct", "bandwidth_floor_ms", "tokens_per_s"} <= set(data["results"][0])
+    assert [r["n_specs"] for r in data["prefill"]] == [1, 4, 1, 4]
+    assert data["attention"] == {"speculator": "gqa", "verifier": "gqa"}
+    res = run("bench", "logits", "--bundle", str(tiny_bundle), "--tokens", "16", "--repeats", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["results"]
+    assert [r["branches"] for r in rows] == [1, 4] and rows[0]["all_positions_logits_mb"] > rows[0]["last_only_logits_mb"]
