@@ -77,4 +77,5 @@ def test_bench_commands_emit_json(tiny_bundle: Path) -> None:
     res = run("bench", "logits", "--bundle", str(tiny_bundle), "--tokens", "16", "--repeats", "1", "--json")
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)["results"]
-    assert [r["branches"] for r in rows] == [1, 4] and rows[0]["all_positions_logits_mb"] > rows[0]["last_only_logits_mb"]
+    assert [r["branches"] for r in rows] == [1, 4]
+    assert rows[0]["all_positions_logits_mb"] > rows[0]["last_only_logits_mb"]
