@@ -24,8 +24,13 @@ def _recorded() -> dict:
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_builtin_directory_is_complete(name):
     path = builtin_path(name)
-    for file in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json"):
+    for file in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (path / file).is_file(), f"{path / file} is missing"
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "llama"
@@ -54,12 +59,13 @@ def test_builtin_reaches_recorded_accuracy(name):
 
 @pytest.mark.slow
 def test_training_recipe_reduces_loss():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     p = preset("tiny")
-    _, losses = train_model(p=p, seed=0, steps=40, log=lambda _: None)
-    assert len(losses) == 40
+    # 80 steps: 50 of warmup, then enough at the peak rate to leave the uniform-guess loss (ln 101 = 4.6) far behind
+    _, losses = train_model(p=p, seed=0, steps=80, log=lambda _: None)
+    assert len(losses) == 80
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.6 * first, (first, last)
 
 
 @pytest.mark.slow

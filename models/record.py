@@ -1,0 +1,73 @@
+"""Measure the committed pair and write models/builtin/accuracy.json (the numbers models/README.md quotes).
+
+Usage: python -m specreason_models.record [--n 1000] [--out models/builtin/accuracy.json]
+
+Records, per role: greedy exact-solve accuracy on the first ``n`` held-out problems and on the first 200 (the
+subset tests/test_models_builtin.py re-checks), the parameter count and the training metadata; plus the
+decode-time proxies of specreason_models.timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import BUILTIN_DIR, BUILTIN_NAMES, builtin_path
+from .evaluate import accuracy, load
+from .task import TaskConfig, heldout_split
+from .timing import measure
+
+TEST_SUBSET = 200
+
+COMMANDS = {
+    "train": "python -m specreason_models.train --out models/builtin --seed 0 --role both",
+    "evaluate": "python -m specreason_models.evaluate --model models/builtin/verifier --n 1000",
+    "timing": "python -m specreason_models.timing",
+    "record": "python -m specreason_models.record --n 1000",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m specreason_models.record",
+        description="Evaluate the committed built-in pair and write accuracy.json.",
+    )
+    parser.add_argument("--n", type=int, default=1000, help="held-out problems evaluated per model")
+    parser.add_argument("--out", type=Path, default=BUILTIN_DIR / "accuracy.json")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    problems = heldout_split(n=args.n)
+    report: dict = {"split": "heldout", "decoding": "greedy", "task": vars(TaskConfig()).copy()}
+    for name in BUILTIN_NAMES:
+        model, tok = load(builtin_path(name))
+        start = time.perf_counter()
+        acc = accuracy(model=model, tok=tok, problems=problems)
+        seconds = time.perf_counter() - start
+        training = json.loads((builtin_path(name) / "training.json").read_text())
+        report[name] = {
+            "heldout_accuracy": acc,
+            "n": args.n,
+            f"heldout_accuracy_first_{TEST_SUBSET}": accuracy(model=model, tok=tok, problems=problems[:TEST_SUBSET]),
+            "eval_seconds": round(seconds, 1),
+            "parameters": training["parameters"],
+            "train_seconds": training["train_seconds"],
+            "train_steps": training["preset"]["steps"],
+            "seed": training["seed"],
+        }
+        print(name, json.dumps(report[name]), flush=True)
+    report["seed"] = report["verifier"]["seed"]
+    torch.set_num_threads(1)
+    report["decode_time_proxy"] = measure(speculator=builtin_path("speculator"), verifier=builtin_path("verifier"))
+    report["commands"] = COMMANDS
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["decode_time_proxy"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
