@@ -11,17 +11,18 @@ token); a graph that returns every position materialises [B, T, vocab] floats. O
 from __future__ import annotations
 
 import functools
-import os
+import json
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .engine import OrtEngine
+from .errors import ConfigError
 from .kv_cache import KVCache
 from .manifest import Architecture, load_manifest
 
@@ -104,20 +105,19 @@ def _prefill_fork_ms(*, engine: OrtEngine, arch: Architecture, prompt: np.ndarra
     return (time.perf_counter() - start) * 1e3
 
 
-def read_bandwidth_gbs(*, megabytes: int = 512, repeats: int = 5, threads: int = 0) -> float:
-    """Main-memory read bandwidth: numpy sums over an array far larger than the caches, one slice per
-    thread (numpy releases the GIL while summing), as many threads as ONNX Runtime uses."""
-    workers = threads or os.cpu_count() or 1
-    data = np.ones(megabytes * 2**20 // 4, np.float32)
-    parts = np.array_split(data, workers)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(np.sum, parts))  # touch every page once
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            seconds.append(time.perf_counter() - start)
-    return data.nbytes / statistics.median(seconds) / 1e9
+def read_bandwidth_gbs(*, megabytes: int = 512, repeats: int = 5) -> float:
+    """Weight-read bandwidth as a decode step sees it: a float32 matrix-vector product (numpy's BLAS, its
+    default threads) over a matrix far larger than the caches. Decode at one branch is such products over
+    every weight, so weight bytes / this bandwidth is the floor of a decode step."""
+    matrix = np.ones((megabytes * 2**20 // 4096, 1024), np.float32)  # [rows, 1024]
+    vector = np.ones(1024, np.float32)
+    matrix @ vector  # touch every page once
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matrix @ vector
+        seconds.append(time.perf_counter() - start)
+    return matrix.nbytes / statistics.median(seconds) / 1e9
 
 
 def _weight_bytes(bundle: Path, rel_file: str) -> int:
@@ -135,7 +135,7 @@ def bench_decode(*, bundle: str | Path, roles: tuple[str, ...] = ("speculator", 
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
     rng = np.random.default_rng(0)
-    bandwidth = read_bandwidth_gbs(threads=threads)
+    bandwidth = read_bandwidth_gbs()
     rows: list[dict[str, Any]] = []
     prefill_rows: list[dict[str, Any]] = []
     for role in roles:
@@ -175,5 +175,44 @@ def bench_decode(*, bundle: str | Path, roles: tuple[str, ...] = ("speculator", 
             "attention": {role: manifest.models[role].kv_cache.get("attention", "plain") for role in roles},
             "steps": steps, "repeats": repeats, "statistic": "median", "threads": threads,
             "read_bandwidth_gbs": round(bandwidth, 2),
-            "bandwidth_method": "median time of threaded numpy float32 sums over a 512 MiB array",
+            "bandwidth_method": "float32 matrix-vector product over a 512 MiB matrix (numpy BLAS), median of 5",
             "results": rows, "prefill": prefill_rows, "verifier_over_speculator": ratios}
+
+
+def run_peer_genai(*, python: str, script: str | Path, model_dir: str | Path, branches: tuple[int, ...],
+                   contexts: tuple[int, ...], steps: int, repeats: int, threads: int, prefill_tokens: int,
+                   n_specs: tuple[int, ...]) -> dict[str, Any]:
+    """Run onnxruntime-genai's benchmark script in the peer's own venv (its builder needs transformers >= 5)."""
+    if not Path(script).is_file():
+        raise ConfigError(f"peer script {script} not found: run from the repository root or pass --peer-script")
+    cmd = [python, str(script), "--model", str(model_dir), "--branches", *map(str, branches),
+           "--contexts", *map(str, contexts), "--steps", str(steps), "--repeats", str(repeats),
+           "--threads", str(threads), "--prefill-tokens", str(prefill_tokens), "--prefill-specs", *map(str, n_specs),
+           "--json"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise ConfigError(f"cannot run the peer's python {python!r} ({e}); create it with "
+                          "runtime/peers/setup_genai.sh") from e
+    if res.returncode != 0:
+        tail = res.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(f"the onnxruntime-genai peer failed: {tail[0]}")
+    return json.loads(res.stdout)
+
+
+def compare_with_peer(*, ours: dict[str, Any], peer: dict[str, Any], role: str = "speculator") -> dict[str, Any]:
+    """Ratios ours / peer on the same cells: tokens/s (> 1 means we are faster) and the shared-prompt prefill."""
+    cells = []
+    for p in peer["decode"]:
+        mine = next((r for r in ours["results"] if r["role"] == role and r["branches"] == p["branches"]
+                     and r["context"] == p["context"]), None)
+        if mine is not None:
+            cells.append({"branches": p["branches"], "context": p["context"], "ours_ms": mine["ms_per_step"],
+                          "peer_ms": p["ms_per_step"],
+                          "tokens_per_s_ratio": round(mine["tokens_per_s"] / p["tokens_per_s"], 3)})
+    prefill = {}
+    for name, rows in (("ours", [r for r in ours["prefill"] if r["role"] == role]), ("peer", peer["prefill"])):
+        by_n = {r["n_specs"]: r["ms"] for r in rows}
+        if 1 in by_n and 4 in by_n:
+            prefill[f"{name}_n4_over_n1"] = round(by_n[4] / by_n[1], 3)
+    return {"role": role, "decode": cells, "prefill": prefill}
