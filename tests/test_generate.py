@@ -106,3 +106,24 @@ def test_smollm2_batched_greedy_matches_transformers(smollm2_bundle: Path, smoll
     prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
     assert len({len(p) for p in prompts}) == 3
     assert_parity(smollm2_bundle, smollm2_hf, prompts, max_new_tokens=24)
+
+
+@pytest.mark.parametrize("role", ["speculator", "verifier"])
+def test_builtin_batched_greedy_matches_transformers(builtin_bundle: Path, role: str) -> None:
+    """The built-in pair: eight held-out problems in one ragged batch, solved exactly as transformers does."""
+    from transformers import AutoModelForCausalLM
+
+    from specreason_models import builtin_path
+    from specreason_models.task import heldout_split
+
+    bundle = Bundle(builtin_bundle, roles=[role])
+    tok = bundle.tokenizers[role]
+    prompts = [tok.encode_chat([{"role": "user", "content": p.question}]) for p in heldout_split(n=8)]
+    assert len({len(p) for p in prompts}) > 1
+    hf = AutoModelForCausalLM.from_pretrained(builtin_path(role)).eval()
+    ours = generate(model=bundle.models[role], tokenizer=tok, prompts=prompts, params=GREEDY,
+                    rng=np.random.default_rng(0), max_tokens=64)
+    for prompt, out in zip(prompts, ours, strict=True):
+        ref_tokens, ref_logprobs = transformers_greedy(hf, prompt, 64, bundle.models[role].generation.eos_ids)
+        assert out.tokens == ref_tokens
+        np.testing.assert_allclose(out.logprobs, ref_logprobs, atol=1e-4)
