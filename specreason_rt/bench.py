@@ -175,7 +175,8 @@ def bench_decode(*, bundle: str | Path, roles: tuple[str, ...] = ("speculator", 
             "attention": {role: manifest.models[role].kv_cache.get("attention", "plain") for role in roles},
             "steps": steps, "repeats": repeats, "statistic": "median", "threads": threads,
             "read_bandwidth_gbs": round(bandwidth, 2),
-            "bandwidth_method": "float32 matrix-vector product over a 1 GiB matrix, 4x the L3 cache (numpy BLAS), median of 5",
+            "bandwidth_method": "float32 matrix-vector product over a 1 GiB matrix, 4x the L3 cache "
+                                "(numpy BLAS), median of 5",
             "results": rows, "prefill": prefill_rows, "verifier_over_speculator": ratios}
 
 
