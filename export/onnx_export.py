@@ -86,7 +86,7 @@ def export_onnx(*, model: Any, out_path: Path, attention: str) -> dict[str, list
         warnings.simplefilter("ignore")
         torch.onnx.export(
             decoder, (ids, *extra, index, *kv), str(out_path), dynamo=False, opset_version=OPSET,
-            custom_opsets={"com.microsoft": 1},
+            custom_opsets={"com.microsoft": 1} if attention == "gqa" else None,
             input_names=[t["name"] for t in spec["inputs"]],
             output_names=[t["name"] for t in spec["outputs"]],
             dynamic_axes=dynamic_axes, do_constant_folding=True,
