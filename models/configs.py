@@ -38,7 +38,7 @@ PRESETS: dict[str, ModelPreset] = {
     "speculator": ModelPreset(
         layers=2, hidden=64, heads=4, kv_heads=4, intermediate=192, lr=3e-3, steps=3000, batch=64
     ),
-    "verifier": ModelPreset(layers=8, hidden=96, heads=4, kv_heads=2, intermediate=256, lr=2e-3, steps=1400, batch=64),
+    "verifier": ModelPreset(layers=8, hidden=96, heads=4, kv_heads=2, intermediate=256, lr=2e-3, steps=4000, batch=64),
     # For tests of the recipe only: trains in seconds.
     "tiny": ModelPreset(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64, lr=3e-3, steps=80, batch=16),
 }
