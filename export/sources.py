@@ -10,12 +10,13 @@ A source is one of:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from specreason_rt.manifest import sha256_file
 
 from .errors import ExportError
 from .graph import SUPPORTED_FAMILIES
@@ -29,14 +30,6 @@ class Source:
     tokenizer: Any  # transformers PreTrainedTokenizerFast
     file_hashes: dict[str, str]  # {file name: "sha256:..."} of the source weights
     step_delimiter: str = "\n\n"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _check_family(model_type: str | None, architectures: Any, where: str) -> None:
@@ -82,7 +75,7 @@ def _load_hf_dir(location: str, *, kind: str, ident: str, local_dir: Path | None
     if local_dir is not None:
         for f in sorted(local_dir.iterdir()):
             if f.suffix in (".safetensors", ".bin") and f.is_file():
-                hashes[f.name] = _sha256(f)
+                hashes[f.name] = sha256_file(f)
     return Source(kind=kind, ident=ident, model=model.eval(), tokenizer=tokenizer, file_hashes=hashes)
 
 
@@ -108,7 +101,7 @@ def _load_gguf(path: Path) -> Source:
     except Exception as e:  # noqa: BLE001 - the GGUF loader raises many types for unsupported files
         raise ExportError(f"{path}: transformers cannot load this GGUF file ({_first_line(e)})") from e
     return Source(kind="gguf", ident=str(path), model=model.eval(), tokenizer=tokenizer,
-                  file_hashes={path.name: _sha256(path)})
+                  file_hashes={path.name: sha256_file(path)})
 
 
 def _first_line(e: BaseException) -> str:
