@@ -8,6 +8,7 @@ int4: MatMulNBits, block 32, symmetric, accuracy_level 4 (int8 compute): on this
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 INT4_BLOCK_SIZE = 32
@@ -15,6 +16,18 @@ INT4_ACCURACY_LEVEL = 4
 
 
 def quantize(*, src: Path, dst: Path, precision: str, external_data: bool) -> None:
+    # ONNX Runtime's quantizers log advice on the root logger ("consider pre-processing") that does not
+    # apply to weight-only/dynamic quantization of a decoder; keep the CLI output to our own stages.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        _quantize(src=src, dst=dst, precision=precision, external_data=external_data)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(*, src: Path, dst: Path, precision: str, external_data: bool) -> None:
     import onnx
 
     if precision == "int8":
