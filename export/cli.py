@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation limit on max |logit diff| vs PyTorch "
                         "(default 1e-3 for fp32, unchecked for int8/int4)")
     p.add_argument("--min-agreement", type=float, default=None, metavar="F",
-                   help="validation minimum greedy-token agreement, 0..1 (default 1.0 fp32, 0.7 int8, 0.6 int4)")
+                   help="validation minimum greedy-token agreement, 0..1 (default 1.0 fp32, 0.5 int8/int4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
 
