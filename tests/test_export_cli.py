@@ -60,12 +60,12 @@ def test_tiny_hf_dir_exports_and_validates(tmp_path: Path, capsys, tiny_llama_di
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_quantized_exports_record_validation(tmp_path: Path, capsys, tiny_llama_dir: Path, precision: str) -> None:
+def test_quantized_exports_record_validation(tmp_path: Path, capsys, precision: str) -> None:
+    """The trained built-in pair (a random model's near-uniform logits make quantized argmax a coin toss)."""
     import onnx
 
     out = tmp_path / precision
-    code, err = run_export(capsys, "--speculator", str(tiny_llama_dir), "--verifier", str(tiny_llama_dir),
-                           "--out", str(out), "--precision", precision)
+    code, err = run_export(capsys, "--out", str(out), "--precision", precision)
     assert code == 0, err
     data = read_manifest(out)
     assert data["precision"] == precision
@@ -73,7 +73,7 @@ def test_quantized_exports_record_validation(tmp_path: Path, capsys, tiny_llama_
         v = entry["validation"]
         assert v["precision"] == precision and v["passed"]
         assert v["tolerance"]["max_abs_logit_diff"] is None  # recorded, not enforced for quantized weights
-        assert 0.0 <= v["greedy_agreement"] <= 1.0 and v["max_abs_logit_diff"] > 0.0
+        assert 0.5 <= v["greedy_agreement"] <= 1.0 and v["max_abs_logit_diff"] > 0.0
     ops = {n.op_type for n in onnx.load(str(out / "speculator" / "model.onnx")).graph.node}
     assert ("MatMulNBits" if precision == "int4" else "MatMulInteger") in ops
 
