@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .errors import ExportError
+
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4
 
@@ -23,6 +25,9 @@ def quantize(*, src: Path, dst: Path, precision: str, external_data: bool) -> No
     root.setLevel(logging.ERROR)
     try:
         _quantize(src=src, dst=dst, precision=precision, external_data=external_data)
+    except ImportError as e:
+        raise ExportError(f"{precision} quantization needs the package {e.name!r}: "
+                          "pip install 'specreason-rt[export]'") from e
     finally:
         root.setLevel(level)
 
