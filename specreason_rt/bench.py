@@ -180,12 +180,23 @@ def bench_decode(*, bundle: str | Path, roles: tuple[str, ...] = ("speculator", 
             "results": rows, "prefill": prefill_rows, "verifier_over_speculator": ratios}
 
 
-def run_peer_genai(*, python: str, script: str | Path, model_dir: str | Path, branches: tuple[int, ...],
-                   contexts: tuple[int, ...], steps: int, repeats: int, threads: int, prefill_tokens: int,
-                   n_specs: tuple[int, ...]) -> dict[str, Any]:
-    """Run onnxruntime-genai's benchmark script in the peer's own venv (its builder needs transformers >= 5)."""
+# Peer name -> its benchmark script in the repository (each prints one JSON object, see runtime/peers/).
+PEER_SCRIPTS = {
+    "onnxruntime-genai": "runtime/peers/genai_bench.py",
+    "transformers": "runtime/peers/transformers_bench.py",
+}
+
+
+def run_peer(*, name: str, python: str, model_dir: str | Path, branches: tuple[int, ...],
+             contexts: tuple[int, ...], steps: int, repeats: int, threads: int, prefill_tokens: int,
+             n_specs: tuple[int, ...], script: str | Path | None = None) -> dict[str, Any]:
+    """Run a peer's benchmark script in its own interpreter: onnxruntime-genai needs its own venv (its builder
+    wants transformers >= 5), transformers needs torch — neither may enter this process."""
+    if name not in PEER_SCRIPTS:
+        raise ConfigError(f"unknown peer {name!r}: choose from {', '.join(PEER_SCRIPTS)}")
+    script = script or PEER_SCRIPTS[name]
     if not Path(script).is_file():
-        raise ConfigError(f"peer script {script} not found: run from the repository root or pass --peer-script")
+        raise ConfigError(f"peer script {script} not found: run from the repository root")
     cmd = [python, str(script), "--model", str(model_dir), "--branches", *map(str, branches),
            "--contexts", *map(str, contexts), "--steps", str(steps), "--repeats", str(repeats),
            "--threads", str(threads), "--prefill-tokens", str(prefill_tokens), "--prefill-specs", *map(str, n_specs),
@@ -197,7 +208,7 @@ def run_peer_genai(*, python: str, script: str | Path, model_dir: str | Path, br
                           "runtime/peers/setup_genai.sh") from e
     if res.returncode != 0:
         tail = res.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise ConfigError(f"the onnxruntime-genai peer failed: {tail[0]}")
+        raise ConfigError(f"the {name} peer failed: {tail[0]}")
     return json.loads(res.stdout)
 
 

@@ -55,29 +55,31 @@ def _bench_logits(args: argparse.Namespace) -> int:
 def _bench_decode(args: argparse.Namespace) -> int:
     import os
 
-    from .bench import bench_decode, compare_with_peer, run_peer_genai
+    from .bench import PEER_SCRIPTS, bench_decode, compare_with_peer, run_peer
 
-    peer_python = ""
-    if args.peer is not None:
-        name, peer_model = args.peer
-        if name != "onnxruntime-genai":
-            raise ConfigError(f"unknown peer {name!r}: the supported peer is onnxruntime-genai")
-        peer_python = args.peer_python or os.environ.get("SPECREASON_PEER_PYTHON", "")
-        if not peer_python:
-            raise ConfigError("--peer needs the peer venv's python: pass --peer-python or set "
+    peers = []
+    for name, path in args.peer or []:
+        if name not in PEER_SCRIPTS:
+            raise ConfigError(f"unknown peer {name!r}: choose from {', '.join(PEER_SCRIPTS)}")
+        # genai lives in its own venv; transformers runs with this interpreter (needs the export extra).
+        python = sys.executable
+        if name == "onnxruntime-genai":
+            python = args.peer_python or os.environ.get("SPECREASON_PEER_PYTHON", "")
+        if not python:
+            raise ConfigError("--peer onnxruntime-genai needs the peer venv's python: pass --peer-python or set "
                               "SPECREASON_PEER_PYTHON (create it with runtime/peers/setup_genai.sh)")
+        peers.append((name, path, python))
     roles = tuple(args.roles)
-    result = bench_decode(bundle=args.bundle, roles=roles, branches=tuple(args.branches),
-                          contexts=tuple(args.contexts), steps=args.steps, repeats=args.repeats,
-                          threads=args.threads, prefill_tokens=args.prefill_tokens, n_specs=tuple(args.n_specs))
-    if args.peer is not None:
-        # Interleave nothing: ours first, then the peer, in the same invocation on the same machine.
-        peer = run_peer_genai(python=peer_python, script=args.peer_script, model_dir=peer_model,
-                              branches=tuple(args.branches), contexts=tuple(args.contexts), steps=args.steps,
-                              repeats=args.repeats, threads=args.threads, prefill_tokens=args.prefill_tokens,
-                              n_specs=tuple(args.n_specs))
-        result["peer"] = peer
-        result["comparison"] = compare_with_peer(ours=result, peer=peer, role=roles[0])
+    cells = {"branches": tuple(args.branches), "contexts": tuple(args.contexts), "steps": args.steps,
+             "repeats": args.repeats, "threads": args.threads, "prefill_tokens": args.prefill_tokens,
+             "n_specs": tuple(args.n_specs)}
+    result = bench_decode(bundle=args.bundle, roles=roles, **cells)
+    # Ours first, then each peer, in this one invocation on the same machine.
+    result["peers"], result["comparison"] = {}, {}
+    for name, path, python in peers:
+        peer = run_peer(name=name, python=python, model_dir=path, **cells)
+        result["peers"][name] = peer
+        result["comparison"][name] = compare_with_peer(ours=result, peer=peer, role=roles[0])
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -92,9 +94,8 @@ def _bench_decode(args: argparse.Namespace) -> int:
     print(f"  read bandwidth {result['read_bandwidth_gbs']} GB/s ({result['bandwidth_method']})")
     for cell, ratio in result["verifier_over_speculator"].items():
         print(f"  verifier / speculator time per step at {cell}: {ratio}x")
-    if "comparison" in result:
-        comp = result["comparison"]
-        print(f"  vs onnxruntime-genai {result['peer'].get('version', '?')} ({comp['role']}):")
+    for name, comp in result["comparison"].items():
+        print(f"  vs {name} {result['peers'][name].get('version', '?')} ({comp['role']}):")
         for c in comp["decode"]:
             print(f"    B={c['branches']:<2} T={c['context']:<5} ours {c['ours_ms']:8.2f} ms  "
                   f"peer {c['peer_ms']:8.2f} ms  tokens/s ratio {c['tokens_per_s_ratio']:.2f}x")
@@ -208,13 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     decode.add_argument("--roles", nargs="+", default=["speculator", "verifier"],
                         choices=["speculator", "verifier"], help="which models to time (default both)")
-    decode.add_argument("--peer", nargs=2, metavar=("NAME", "PATH"), default=None,
-                        help="also time a peer in the same run: onnxruntime-genai MODEL_DIR "
-                             "(built by runtime/peers/build_genai_model.sh)")
+    decode.add_argument("--peer", nargs=2, metavar=("NAME", "PATH"), action="append", default=None,
+                        help="also time a peer in the same run (repeatable): onnxruntime-genai MODEL_DIR (built by "
+                             "runtime/peers/build_genai_model.sh) or transformers MODEL (.gguf or HF folder); "
+                             "run from the repository root")
     decode.add_argument("--peer-python", default=None,
-                        help="python of the peer's venv (default: $SPECREASON_PEER_PYTHON)")
-    decode.add_argument("--peer-script", default="runtime/peers/genai_bench.py",
-                        help="the peer's benchmark script (default: runtime/peers/genai_bench.py)")
+                        help="python of the onnxruntime-genai venv (default: $SPECREASON_PEER_PYTHON)")
     decode.add_argument("--json", action="store_true")
     decode.set_defaults(func=_bench_decode)
     return p
