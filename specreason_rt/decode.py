@@ -50,11 +50,13 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
     outs = [BranchOutput(tokens=[], logprobs=[], finish="") for _ in range(branches)]
     steps = [StepDetector(tokenizer=tokenizer, delimiter=model.generation.step_delimiter) for _ in range(branches)]
     active = np.ones(branches, bool)
+    # Only the repetition penalty reads the history: skip turning it into arrays every step otherwise.
+    needs_history = params.repetition_penalty != 1.0
     while True:
         # 1. Sample one token for every active branch.
         rows = np.flatnonzero(active)
-        tokens, logprobs = sample(logits=logits[rows], params=params, rng=rng,
-                                  history=[np.asarray(history[b], np.int64) for b in rows])
+        row_history = [np.asarray(history[b], np.int64) for b in rows] if needs_history else None
+        tokens, logprobs = sample(logits=logits[rows], params=params, rng=rng, history=row_history)
         # 2. Record it and check this branch's stops, in order of precedence.
         for b, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
             out = outs[b]
