@@ -113,9 +113,9 @@ class OrtEngine:
         if not reuse or self._binding is None or not same:
             # Bind each cache buffer as both past input and present output: GQA then updates it in place.
             binding = self.session.io_binding()
-            for names, arrays in ((zip(self.past_key_names, self.out_key_names, strict=True), keys),
-                                  (zip(self.past_value_names, self.out_value_names, strict=True), values)):
-                for (past, present), array in zip(names, arrays, strict=True):
+            for names, buffers in ((zip(self.past_key_names, self.out_key_names, strict=True), keys),
+                                   (zip(self.past_value_names, self.out_value_names, strict=True), values)):
+                for (past, present), array in zip(names, buffers, strict=True):
                     value = ort.OrtValue.ortvalue_from_numpy(array)
                     binding.bind_ortvalue_input(past, value)
                     binding.bind_ortvalue_output(present, value)
