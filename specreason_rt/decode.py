@@ -36,11 +36,13 @@ class BranchOutput:
 def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np.ndarray, params: SamplingParams,
            rng: np.random.Generator, max_tokens: int, stop_at_step: bool = True, stop_strings: Sequence[str] = (),
            history: list[list[int]] | None = None, on_token: Callable[[int, int], None] | None = None,
-           ) -> list[BranchOutput]:
+           detectors: list[StepDetector] | None = None) -> list[BranchOutput]:
     """Sample from `logits` [branches, vocab] (the rows after each branch's last cached token) onwards.
 
     history[b]: tokens already in branch b (for the repetition penalty); extended in place.
     on_token(branch, token) is called for every token as soon as it is sampled (for streaming).
+    detectors[b]: branch b's step detector when the step began before this call (it holds the step's
+    earlier tokens, so a delimiter that straddles them is found); fresh ones otherwise.
     """
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -48,7 +50,10 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
     history = history if history is not None else [[] for _ in range(branches)]
     eos = set(model.generation.eos_ids)
     outs = [BranchOutput(tokens=[], logprobs=[], finish="") for _ in range(branches)]
-    steps = [StepDetector(tokenizer=tokenizer, delimiter=model.generation.step_delimiter) for _ in range(branches)]
+    if detectors is not None and len(detectors) != branches:
+        raise ConfigError(f"got {len(detectors)} step detectors for {branches} branches")
+    steps = detectors or [StepDetector(tokenizer=tokenizer, delimiter=model.generation.step_delimiter)
+                          for _ in range(branches)]
     active = np.ones(branches, bool)
     # Only the repetition penalty reads the history: skip turning it into arrays every step otherwise.
     needs_history = params.repetition_penalty != 1.0

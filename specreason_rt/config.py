@@ -1,0 +1,211 @@
+"""Configuration of a reasoning run: one small frozen dataclass per concern, presets, validation.
+
+    ReasonConfig
+      strategy     which algorithm runs (STRATEGIES)
+      search       SearchConfig: branch counts and depths (best_of_n, tree, majority)
+      stepwise     StepwiseConfig: the paper's accept-or-fallback options
+      score        ScoreConfig: how the verifier judges and how scores combine
+      speculator   SamplingParams of the speculator (drafts, trajectories)
+      verifier     SamplingParams of the verifier (its own steps; greedy by default)
+      limits       LimitsConfig: token budget, step length, stop rules
+      answer       AnswerConfig: how the final answer is read from the text
+      seed         one seed; each model samples from its own stream, so a seed reproduces a run exactly
+
+Every value is checked when the object is built; a bad one raises ConfigError with what to change.
+Presets are the seed document's (n_specs, max_depth, temperature): default (4, 8, 0.7), efficient (2, 6, 0.8),
+quality (8, 12, 0.6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .sampling import SamplingError, SamplingParams
+
+STRATEGIES = ("stepwise", "best_of_n", "tree", "speculator", "verifier", "majority")
+SCORE_MODES = ("likelihood", "judge", "head")
+SCORE_METHODS = ("greedy", "average")
+ANSWER_FORMATS = ("answer_line", "boxed")
+SCALE_MAX = 9  # scores live on the paper's 0-9 scale
+
+# The paper's judge instruction (arXiv 2504.07891, App. A), appended after the step being judged; the score is
+# read from the verifier's logits of the ten digit tokens at the end of it.
+DEFAULT_JUDGE_PROMPT = (
+    "\n\nEvaluate the last reasoning step solely on its factual correctness and logical validity. Ignore style, "
+    "phrasing and overall usefulness. Output a score from 0 to 9, where 0 is completely wrong and 9 is "
+    "completely correct.\nScore: ")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_specs: int = 4  # best_of_n trajectories / majority samples
+    max_depth: int = 8  # steps per trajectory
+    beam_width: int = 4  # tree: children per node and nodes kept per level
+    tree_depth: int = 3  # tree: levels expanded before the kept nodes are finished as trajectories
+    majority_model: str = "speculator"  # which model samples the majority vote
+
+    def __post_init__(self) -> None:
+        for name in ("n_specs", "max_depth", "beam_width", "tree_depth"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        _check(self.majority_model in ("speculator", "verifier"),
+               f"majority_model must be 'speculator' or 'verifier', got {self.majority_model!r}")
+
+
+@dataclass(frozen=True)
+class StepwiseConfig:
+    threshold: float = 7.0  # accept a draft whose score >= threshold (0-9 scale); above 9 rejects every draft
+    candidates: int = 1  # drafts per step, scored in one batch (1 = the paper)
+    first_n_steps_verifier: int = 0  # the verifier writes the first n steps itself (the paper's option)
+    # When the verifier writes a rejected step greedily, keep the draft's tokens that match its own greedy
+    # choices (read from the scoring pass's logits): they are exactly what it would write, so the output is
+    # unchanged and those tokens cost no decode steps (speculative decoding inside the fallback).
+    reuse_draft_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.threshold, int | float) and math.isfinite(self.threshold) and self.threshold >= 0,
+               f"threshold must be a number >= 0 on the 0-{SCALE_MAX} scale (above {SCALE_MAX} rejects every "
+               f"draft), got {self.threshold!r}")
+        _check(_is_int(self.candidates) and self.candidates >= 1,
+               f"candidates must be an integer >= 1, got {self.candidates!r}")
+        _check(_is_int(self.first_n_steps_verifier) and self.first_n_steps_verifier >= 0,
+               f"first_n_steps_verifier must be an integer >= 0, got {self.first_n_steps_verifier!r}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    mode: str = "likelihood"  # judge | likelihood | head (see scoring.py)
+    method: str = "average"  # greedy | average: how one score is read (see scoring.py)
+    judge_prompt: str = DEFAULT_JUDGE_PROMPT
+    # Combined score of a whole trajectory (best_of_n, tree leaves, majority of nothing): the seed's three parts.
+    # The seed gives verify_weight 0.3; the rest is split evenly between local confidence and consistency.
+    local_weight: float = 0.35  # speculator's own token probabilities (geometric mean)
+    consistency_weight: float = 0.35  # share of trajectories that reach the same final answer
+    verify_weight: float = 0.3  # the verifier's judgement
+
+    def __post_init__(self) -> None:
+        _check(self.mode in SCORE_MODES, f"unknown score mode {self.mode!r}: choose from {', '.join(SCORE_MODES)}")
+        _check(self.method in SCORE_METHODS,
+               f"unknown score method {self.method!r}: choose from {', '.join(SCORE_METHODS)}")
+        weights = (self.local_weight, self.consistency_weight, self.verify_weight)
+        _check(all(isinstance(w, int | float) and math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0,
+               f"score weights must be numbers >= 0 with a positive sum, got local={self.local_weight}, "
+               f"consistency={self.consistency_weight}, verify={self.verify_weight}")
+        _check(self.mode != "judge" or bool(self.judge_prompt.strip()), "judge mode needs a non-empty judge_prompt")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_tokens: int = 512  # token budget of the whole solution
+    max_step_tokens: int = 96  # a step longer than this is cut (it then counts as a step)
+    stop_on_answer: bool = True  # stop once a committed step holds a complete answer
+    stop_on_repeat: bool = True  # stop after two identical consecutive steps (a loop)
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "max_step_tokens"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AnswerConfig:
+    format: str = "answer_line"  # "answer_line": text after 'Answer:' on its line; "boxed": last \boxed{...}
+
+    def __post_init__(self) -> None:
+        _check(self.format in ANSWER_FORMATS,
+               f"unknown answer format {self.format!r}: choose from {', '.join(ANSWER_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class ReasonConfig:
+    strategy: str = "stepwise"
+    search: SearchConfig = field(default_factory=SearchConfig)
+    stepwise: StepwiseConfig = field(default_factory=StepwiseConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    speculator: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.7))
+    verifier: SamplingParams = field(default_factory=SamplingParams)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    answer: AnswerConfig = field(default_factory=AnswerConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in STRATEGIES,
+               f"unknown strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
+        _check(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+
+    def replace(self, **changes: Any) -> ReasonConfig:
+        """A copy with changes; nested fields by dotted name, e.g. replace(**{"stepwise.threshold": 5})."""
+        return from_dict(to_dict(self), overrides=changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"search.n_specs": 4, "search.max_depth": 8, "speculator.temperature": 0.7},
+    "efficient": {"search.n_specs": 2, "search.max_depth": 6, "speculator.temperature": 0.8},
+    "quality": {"search.n_specs": 8, "search.max_depth": 12, "speculator.temperature": 0.6},
+}
+
+_SECTIONS: dict[str, type] = {"search": SearchConfig, "stepwise": StepwiseConfig, "score": ScoreConfig,
+                              "speculator": SamplingParams, "verifier": SamplingParams, "limits": LimitsConfig,
+                              "answer": AnswerConfig}
+
+
+def to_dict(config: ReasonConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any], *, overrides: dict[str, Any] | None = None) -> ReasonConfig:
+    """Build a config from nested dicts plus dotted overrides; unknown keys are errors, not silently ignored."""
+    nested: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if name:
+            nested.setdefault(section, {})
+            if not isinstance(nested[section], dict):
+                raise ConfigError(f"{section} is not a section; cannot set {key}")
+            nested[section][name] = value
+        else:
+            nested[section] = value
+    top = {f.name for f in dataclasses.fields(ReasonConfig)}
+    unknown = sorted(set(nested) - top)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}: known are {', '.join(sorted(top))}")
+    kwargs: dict[str, Any] = {}
+    for key, value in nested.items():
+        cls = _SECTIONS.get(key)
+        if cls is None:
+            kwargs[key] = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of its fields, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(value) - known)
+        if bad:
+            raise ConfigError(f"unknown field(s) {bad} in {key}: known are {', '.join(sorted(known))}")
+        try:
+            kwargs[key] = cls(**value)
+        except SamplingError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    return ReasonConfig(**kwargs)
+
+
+def make_config(*, strategy: str = "stepwise", preset: str = "default", **overrides: Any) -> ReasonConfig:
+    """A preset, then dotted overrides: make_config(strategy="tree", preset="quality", **{"tree.beam_width": 2})."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    return from_dict({"strategy": strategy}, overrides={**PRESETS[preset], **overrides})

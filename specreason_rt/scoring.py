@@ -1,0 +1,174 @@
+"""How the verifier judges speculated steps and trajectories, and how scores combine.
+
+Every verifier score is on the paper's 0-9 scale (SCALE_MAX), whatever the mode:
+
+  likelihood  the verifier's own log-probabilities of the step's tokens (read in the same prefill pass that
+              caches the step). average: 9 x the geometric-mean token probability; greedy: 9 x the weakest
+              token's probability (one token the verifier finds implausible sinks the step).
+  judge       the paper's judge: the judge prompt is appended after the step and the score is read from the
+              verifier's logits of the ten digit tokens "0".."9" at its end: one forward, no decoding.
+              greedy: the most likely digit; average: the expected digit. The judge prompt is dropped from the
+              cache afterwards (truncate), the step stays.
+  head        a value head exported inside the verifier graph (the seed's confidence MLP on the hidden state):
+              9 x its sigmoid output at the step's last token.
+
+A trajectory (best_of_n, tree leaves) is scored in one batched pass: likelihood and head score each of its
+steps and keep the weakest (a chain is as sound as its weakest step); judge reads one score at its end.
+The combined score of a trajectory (the seed's three parts, weights in ScoreConfig) is
+    (local_weight * local + consistency_weight * consistency + verify_weight * quality) / sum of weights
+with local = the speculator's geometric-mean token probability, consistency = the share of trajectories with
+the same final answer, quality = verifier score / 9; all three in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import SCALE_MAX, ScoreConfig
+from .context import Context
+from .errors import ConfigError
+from .model import RoleModel
+from .sampling import log_softmax
+from .tokenizer import Tokenizer
+
+# Tokens per branch per forward when a pass needs every position's logits: bounds the logits buffer
+# (branches x CHUNK x vocab floats) on large vocabularies.
+CHUNK = 128
+
+
+@dataclass
+class SpanScores:
+    scores: np.ndarray  # [branches] 0-9
+    rows: list[np.ndarray]  # per branch [len(span) + 1, vocab]: the logits predicting each span token, then after
+    logprobs: list[np.ndarray]  # per branch [len(span)]: the verifier's log-probability of each span token
+
+
+class StepScorer:
+    def __init__(self, *, config: ScoreConfig, model: RoleModel, tokenizer: Tokenizer) -> None:
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        if config.mode == "head" and not getattr(model, "has_value_head", False):
+            raise ConfigError("score mode 'head' needs a verifier exported with a value head "
+                              "(specreason-export --value-head FILE); use 'likelihood' or 'judge'")
+        self.judge_suffix: list[int] = []
+        self.digit_ids = np.zeros(10, np.int64)
+        if config.mode == "judge":
+            for d in range(10):
+                ids = tokenizer.encode(str(d), add_special_tokens=False)
+                if len(ids) != 1:
+                    raise ConfigError(f"judge mode reads the score from single digit tokens, but the verifier's "
+                                      f"tokenizer splits {d!r} into {ids}; use 'likelihood'")
+                self.digit_ids[d] = ids[0]
+            self.judge_suffix = tokenizer.encode(config.judge_prompt, add_special_tokens=False)
+
+    @property
+    def extra_room(self) -> int:
+        """Tokens a scoring pass may add to a branch beyond the scored span (the judge prompt)."""
+        return len(self.judge_suffix)
+
+    # -- the pieces of a score ----------------------------------------------------------------------------------
+    def _from_logprobs(self, logprobs: np.ndarray) -> float:
+        if logprobs.size == 0:
+            return 0.0
+        x = float(logprobs.min()) if self.config.method == "greedy" else float(logprobs.mean())
+        return SCALE_MAX * float(np.exp(x))
+
+    def _from_judge_row(self, row: np.ndarray) -> float:
+        digit_logits = row[self.digit_ids].astype(np.float64)  # [10]
+        if self.config.method == "greedy":
+            return float(np.argmax(digit_logits))
+        p = np.exp(digit_logits - digit_logits.max())
+        return float((p / p.sum()) @ np.arange(10))
+
+    def _append_scored(self, ctx: Context, spans: Sequence[Sequence[int]]
+                       ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Append spans[b] to verifier branch b; per branch the rows predicting its tokens (then the row
+        after), their log-probs, and the value head at each token (empty without a head)."""
+        want_values = self.config.mode == "head"
+        longest = max(len(s) for s in spans)
+        logps: list[list[np.ndarray]] = [[] for _ in spans]
+        heads: list[list[np.ndarray]] = [[] for _ in spans]
+        rows: list[np.ndarray] = []
+        for start in range(0, max(longest, 1), CHUNK):
+            pieces = [list(s[start:start + CHUNK]) for s in spans]
+            chunk_rows, values = ctx.extend(pieces, with_rows=True, values=want_values)
+            assert chunk_rows is not None
+            rows = chunk_rows
+            for b, piece in enumerate(pieces):
+                if piece:
+                    lp = log_softmax(rows[b][:-1])  # [len(piece), vocab]
+                    logps[b].append(lp[np.arange(len(piece)), piece])
+                    if values is not None:
+                        heads[b].append(values[b])
+        # Only the last chunk's rows are kept: enough for short spans (steps) whose rows fit one chunk.
+        return rows, [np.concatenate(x) if x else np.zeros(0, np.float32) for x in logps], \
+            [np.concatenate(x) if x else np.zeros(0, np.float32) for x in heads]
+
+    def _judge(self, ctx: Context, span_lengths: Sequence[int], rows: list[np.ndarray]) -> np.ndarray:
+        """Append the judge prompt, read each branch's digit logits, then drop the prompt from the cache."""
+        before = [len(t) for t in ctx.tokens]
+        after_span = [r[-1].copy() for r in rows]  # [vocab] each: the logits after the span, kept for later
+        judge_rows, _ = ctx.extend([self.judge_suffix] * ctx.branches, with_rows=True)
+        assert judge_rows is not None
+        scores = np.array([self._from_judge_row(r[-1]) for r in judge_rows])
+        for b in range(ctx.branches):
+            ctx.truncate(b, length=before[b], logits=after_span[b])
+        return scores
+
+    # -- what strategies call -----------------------------------------------------------------------------------
+    def score_steps(self, ctx: Context, spans: Sequence[Sequence[int]]) -> SpanScores:
+        """Append step spans[b] to verifier branch b in one prefill pass and score each (0-9).
+
+        The spans stay in the verifier's cache (an accepted step costs nothing more); truncate a branch to
+        drop a rejected one. Spans must fit one chunk (CHUNK tokens), as steps do.
+        """
+        if any(len(s) == 0 for s in spans) or max(len(s) for s in spans) > CHUNK:
+            raise ConfigError(f"steps to score must have 1..{CHUNK} tokens; lower limits.max_step_tokens")
+        rows, logps, heads = self._append_scored(ctx, spans)
+        if self.config.mode == "judge":
+            scores = self._judge(ctx, [len(s) for s in spans], rows)
+        elif self.config.mode == "head":
+            scores = np.array([SCALE_MAX * float(h[-1]) for h in heads])
+        else:
+            scores = np.array([self._from_logprobs(lp) for lp in logps])
+        return SpanScores(scores=scores, rows=rows, logprobs=logps)
+
+    def score_trajectories(self, ctx: Context, steps: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
+        """Append each branch's whole trajectory (its steps) in one batched pass; quality 0-9 per branch."""
+        spans = [[t for step in branch for t in step] for branch in steps]
+        if any(len(s) == 0 for s in spans):
+            raise ConfigError("a trajectory to score is empty")
+        rows, logps, heads = self._append_scored(ctx, spans)
+        if self.config.mode == "judge":
+            return self._judge(ctx, [len(s) for s in spans], rows)
+        out = np.zeros(len(spans))
+        for b, branch in enumerate(steps):
+            ends = np.cumsum([len(s) for s in branch])  # step b ends after token ends[i] - 1
+            starts = ends - np.array([len(s) for s in branch])
+            if self.config.mode == "head":
+                per_step = [SCALE_MAX * float(heads[b][e - 1]) for e in ends if e > 0]
+            else:
+                per_step = [self._from_logprobs(logps[b][s:e]) for s, e in zip(starts, ends, strict=True) if e > s]
+            out[b] = min(per_step)
+        return out
+
+
+def local_confidence(logprobs: Sequence[float]) -> float:
+    """Geometric-mean probability of a trajectory's tokens under the model that sampled them, in [0, 1]."""
+    return float(np.exp(np.mean(logprobs))) if len(logprobs) else 0.0
+
+
+def consistency(answers: Sequence[str | None]) -> np.ndarray:
+    """Per trajectory, the share of all trajectories that reach its answer (0 for no answer)."""
+    counts = Counter(a for a in answers if a is not None)
+    return np.array([counts[a] / len(answers) if a is not None else 0.0 for a in answers])
+
+
+def combine(*, local: np.ndarray, consistent: np.ndarray, quality: np.ndarray, config: ScoreConfig) -> np.ndarray:
+    """The seed's combined score in [0, 1]; quality is the verifier's 0-9 score."""
+    w = np.array([config.local_weight, config.consistency_weight, config.verify_weight], np.float64)
+    parts = np.stack([local, consistent, np.asarray(quality) / SCALE_MAX])  # [3, branches]
+    return np.asarray((w @ parts) / w.sum())

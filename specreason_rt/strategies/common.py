@@ -1,0 +1,160 @@
+"""State shared by every strategy for one run, and sampling whole trajectories step by step.
+
+`Run` holds what one problem needs: the config, one RNG stream per model (so the speculator's draws never
+shift the verifier's: a seed reproduces a run, and a strategy that lets the verifier write every step gives
+exactly the verifier's own output), the prompts in each model's tokenizer, phase timers and counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..answers import extract_answer
+from ..bundle import Bundle
+from ..config import ReasonConfig
+from ..context import Context
+from ..errors import CacheLimitError
+from ..sampling import SamplingParams
+from ..scoring import StepScorer
+from ..trace import Candidate, RunResult, StepTrace, Timer
+
+ROLE_STREAMS = {"speculator": 0, "verifier": 1}
+
+
+@dataclass
+class Trajectory:
+    """One branch's solution so far: its steps (token ids in the sampling model's tokenizer) and texts."""
+
+    steps: list[list[int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # sampling model's log-prob of every token
+    finish: str = ""  # "" while running, else RunResult.finish values
+    quality: list[float] = field(default_factory=list)  # verifier score (0-9) per step, where scored
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.steps)
+
+
+class Run:
+    def __init__(self, *, bundle: Bundle, problem: str, config: ReasonConfig,
+                 on_step: Callable[[StepTrace], None] | None = None) -> None:
+        self.bundle, self.config, self.on_step = bundle, config, on_step
+        self.timer = Timer()
+        self.rng = {role: np.random.default_rng([config.seed, stream]) for role, stream in ROLE_STREAMS.items()}
+        self.params: dict[str, SamplingParams] = {"speculator": config.speculator, "verifier": config.verifier}
+        self.tokens = dict.fromkeys(ROLE_STREAMS, 0)
+        self.contexts: list[tuple[str, Context]] = []
+        self.shared = bundle.manifest.tokenizers_shared
+        self.prompts = {role: self._prompt(role, problem) for role in bundle.models}
+        self._scorer: StepScorer | None = None
+        # The token budget of the solution: the configured one, capped by what fits every model's context.
+        fits = min(m.arch.max_context - len(self.prompts[r]) - self._extra_room(r) for r, m in bundle.models.items())
+        if fits < 1:
+            raise CacheLimitError(f"the prompt leaves no room in the models' context ({fits} tokens); "
+                                  "shorten the problem")
+        self.budget = min(config.limits.max_tokens, fits)
+
+    def _prompt(self, role: str, problem: str) -> list[int]:
+        tok, model = self.bundle.tokenizers[role], self.bundle.models[role]
+        if model.generation.chat_template is not None:
+            return tok.encode_chat([{"role": "user", "content": problem}])
+        return tok.encode(problem)
+
+    def _extra_room(self, role: str) -> int:
+        uses_verifier_scores = self.config.strategy in ("stepwise", "best_of_n", "tree")
+        return self.scorer.extra_room if role == "verifier" and uses_verifier_scores else 0
+
+    @property
+    def scorer(self) -> StepScorer:
+        if self._scorer is None:
+            self._scorer = StepScorer(config=self.config.score, model=self.bundle.models["verifier"],
+                                      tokenizer=self.bundle.tokenizers["verifier"])
+        return self._scorer
+
+    def context(self, role: str) -> Context:
+        """Prefill the prompt for `role` (one branch), with room for the whole token budget."""
+        room = self.budget + self._extra_room(role)
+        with self.timer.phase("prefill"):
+            ctx = Context(model=self.bundle.models[role], tokenizer=self.bundle.tokenizers[role],
+                          prompt=self.prompts[role], room=room)
+        self.contexts.append((role, ctx))
+        return ctx
+
+    def convert(self, tokens: Sequence[int], *, src: str, dst: str) -> list[int]:
+        """A span of `src`'s tokens in `dst`'s tokenizer: the same ids when shared, else via the text."""
+        if self.shared or src == dst:
+            return list(tokens)
+        text = self.bundle.tokenizers[src].decode(tokens)
+        return self.bundle.tokenizers[dst].encode(text, add_special_tokens=False)
+
+    def step_budget(self, used: int) -> int:
+        return min(self.config.limits.max_step_tokens, self.budget - used)
+
+    def finish_after_step(self, *, traj: Trajectory, out_finish: str, max_steps: int | None) -> str:
+        """Why a trajectory stops after its latest step, or "" to go on."""
+        limits = self.config.limits
+        if out_finish == "eos":
+            return "eos"
+        if limits.stop_on_answer and extract_answer(traj.text, fmt=self.config.answer.format) is not None:
+            return "answer"
+        if traj.tokens >= self.budget:
+            return "budget"
+        if limits.stop_on_repeat and len(traj.texts) >= 2 and traj.texts[-1].strip() == traj.texts[-2].strip():
+            return "repeat"
+        if max_steps is not None and len(traj.steps) >= max_steps:
+            return "depth"
+        return ""
+
+    def result(self, *, strategy: str, traj: Trajectory, steps: list[StepTrace], seconds: float,
+               candidates: list[Candidate] | None = None, details: dict | None = None) -> RunResult:
+        forwards = dict.fromkeys(ROLE_STREAMS, 0)
+        for role, ctx in self.contexts:
+            forwards[role] += ctx.forwards
+        return RunResult(strategy=strategy, answer=extract_answer(traj.text, fmt=self.config.answer.format),
+                         text=traj.text, steps=steps, finish=traj.finish or "budget", seconds=seconds,
+                         timings=dict(self.timer.seconds), tokens=dict(self.tokens), forwards=forwards,
+                         candidates=candidates or [], config=self.config.to_json(), details=details or {})
+
+
+def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajectory],
+                        max_steps: int | None, phase: str = "speculate") -> list[Trajectory]:
+    """Continue trajectory i on context branch i, one step per batched decode, until each one finishes.
+
+    Finished trajectories leave the batch (their cache rows are dropped), so later steps run on fewer
+    branches. The context ends holding only the branches still running, i.e. none.
+    """
+    rows = [i for i, t in enumerate(trajs) if not t.finish]  # context branch j continues trajectory rows[j]
+    if len(rows) != ctx.branches:
+        ctx.gather(rows)
+    params, rng = run.params[role], run.rng[role]
+    while rows:
+        budget = min(run.step_budget(trajs[i].tokens) for i in rows)
+        with run.timer.phase(phase):
+            outs = ctx.decode_steps(params=params, rng=rng, max_tokens=budget)
+        keep = []
+        for j, (i, out) in enumerate(zip(rows, outs, strict=True)):
+            traj = trajs[i]
+            traj.steps.append(out.tokens)
+            traj.texts.append(out.text)
+            traj.logprobs.extend(out.logprobs)
+            run.tokens[role] += len(out.tokens)
+            traj.finish = run.finish_after_step(traj=traj, out_finish=out.finish, max_steps=max_steps)
+            if not traj.finish:
+                keep.append(j)
+        if keep and len(keep) != len(rows):
+            ctx.gather(keep)  # evict finished branches: the batch shrinks
+        rows = [rows[j] for j in keep]
+    return trajs
+
+
+def trajectory_steps(traj: Trajectory, *, author: str) -> list[StepTrace]:
+    return [StepTrace(index=i, author=author, text=text, tokens=len(tokens))
+            for i, (text, tokens) in enumerate(zip(traj.texts, traj.steps, strict=True))]

@@ -1,0 +1,82 @@
+"""What a reasoning run returns: the answer, the text, and a JSON-serialisable trace of how it got there."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+PHASES = ("prefill", "speculate", "verify", "fallback", "select")
+
+
+@dataclass
+class Candidate:
+    text: str
+    tokens: int
+    score: float | None = None  # verifier score 0-9 (stepwise, tree) or None
+    combined: float | None = None  # combined score 0-1 (best_of_n, tree leaves)
+    local: float | None = None  # speculator's geometric-mean token probability
+    answer: str | None = None  # final answer of a whole trajectory
+    accepted: bool = False
+
+
+@dataclass
+class StepTrace:
+    index: int
+    author: str  # "speculator" | "verifier"
+    text: str
+    tokens: int  # tokens of the committed step (in its author's tokenizer)
+    candidates: list[Candidate] = field(default_factory=list)
+    reused_tokens: int = 0  # fallback steps: draft tokens the verifier kept (its own greedy choices)
+
+
+class Timer:
+    """Wall time per phase of a run."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+@dataclass
+class RunResult:
+    strategy: str
+    answer: str | None
+    text: str  # the solution: the committed steps joined
+    steps: list[StepTrace]
+    finish: str  # "answer" | "eos" | "budget" | "depth" | "repeat"
+    seconds: float
+    timings: dict[str, float]  # seconds per phase (PHASES)
+    tokens: dict[str, int]  # tokens generated per model (speculator, verifier), drafts included
+    forwards: dict[str, int]  # model forwards per model
+    candidates: list[Candidate] = field(default_factory=list)  # whole trajectories (best_of_n, tree, majority)
+    config: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # strategy-specific facts (tree: nodes per level)
+
+    @property
+    def speculator_steps(self) -> int:
+        return sum(s.author == "speculator" for s in self.steps)
+
+    @property
+    def acceptance(self) -> float | None:
+        """Share of drafted steps that were accepted (stepwise), None when nothing was drafted."""
+        drafted = [s for s in self.steps if s.candidates]
+        if not drafted:
+            return None
+        return sum(s.author == "speculator" for s in drafted) / len(drafted)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["speculator_steps"] = self.speculator_steps
+        out["acceptance"] = self.acceptance
+        return out

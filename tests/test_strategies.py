@@ -1,0 +1,177 @@
+"""The reasoning strategies on the trained built-in pair: the issue's named scenarios, deterministic by seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specreason_rt.bundle import Bundle
+from specreason_rt.config import ReasonConfig, make_config
+from specreason_rt.context import Context
+from specreason_rt.errors import ConfigError
+from specreason_rt.reasoner import Reasoner
+from specreason_rt.strategies import STRATEGY_FUNCTIONS, Run
+
+QUESTIONS = ["76-24*4", "37+45*3", "12+98-40", "55*7-13", "90-91+9"]
+
+
+@pytest.fixture(scope="module")
+def reasoner(builtin_bundle: Path) -> Reasoner:
+    return Reasoner(builtin_bundle)
+
+
+def cfg(strategy: str, seed: int = 0, **overrides: object) -> ReasonConfig:
+    return make_config(strategy=strategy, **{"seed": seed, **overrides})
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_threshold_above_scale_is_the_verifier_alone(reasoner: Reasoner, reuse: bool) -> None:
+    for seed, q in enumerate(QUESTIONS):
+        alone = reasoner.run(q, cfg("verifier", seed))
+        spec = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 10,
+                                                        "stepwise.reuse_draft_prefix": reuse}))
+        assert [s.author for s in spec.steps] == ["verifier"] * len(spec.steps)
+        assert all(s.candidates and not any(c.accepted for c in s.candidates) for s in spec.steps)
+        assert spec.text == alone.text and spec.answer == alone.answer
+        assert spec.acceptance == 0.0
+
+
+def test_draft_prefix_reuse_saves_verifier_tokens(reasoner: Reasoner) -> None:
+    runs = [reasoner.run(q, cfg("stepwise", s, **{"stepwise.threshold": 10})) for s, q in enumerate(QUESTIONS)]
+    reused = sum(step.reused_tokens for r in runs for step in r.steps)
+    written = sum(r.tokens["verifier"] for r in runs)
+    assert reused > 0  # the speculator's drafts are mostly right, so the verifier keeps part of them
+    assert written + reused == sum(step.tokens for r in runs for step in r.steps)
+
+
+def test_threshold_zero_is_the_speculator_alone(reasoner: Reasoner) -> None:
+    for seed, q in enumerate(QUESTIONS):
+        alone = reasoner.run(q, cfg("speculator", seed))
+        spec = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 0}))
+        assert [s.author for s in spec.steps] == ["speculator"] * len(spec.steps)
+        assert spec.text == alone.text
+        assert spec.tokens["verifier"] == 0
+
+
+def test_first_steps_by_the_verifier(reasoner: Reasoner) -> None:
+    result = reasoner.run("37+45*3", cfg("stepwise", 0, **{"stepwise.threshold": 0,
+                                                          "stepwise.first_n_steps_verifier": 1}))
+    assert result.steps[0].author == "verifier" and not result.steps[0].candidates
+    assert all(s.author == "speculator" for s in result.steps[1:])
+
+
+def test_best_of_n_with_one_spec_is_the_single_trajectory(reasoner: Reasoner) -> None:
+    for seed, q in enumerate(QUESTIONS):
+        alone = reasoner.run(q, cfg("speculator", seed))
+        best = reasoner.run(q, cfg("best_of_n", seed, **{"search.n_specs": 1}))
+        assert best.text == alone.text and len(best.candidates) == 1 and best.candidates[0].accepted
+
+
+def test_best_of_n_scores_every_trajectory_and_picks_the_best(reasoner: Reasoner) -> None:
+    result = reasoner.run("55*7-13", cfg("best_of_n", 3, **{"search.n_specs": 6}))
+    assert len(result.candidates) == 6
+    combined = [c.combined for c in result.candidates]
+    assert result.candidates[int(np.argmax(combined))].accepted
+    assert result.text == next(c.text for c in result.candidates if c.accepted)
+    assert all(c.score is not None and 0 <= c.score <= 9 for c in result.candidates)
+
+
+def test_tree_prunes_to_beam_width(reasoner: Reasoner) -> None:
+    width = 3
+    result = reasoner.run("12+98-40", cfg("tree", 1, **{"search.beam_width": width, "search.tree_depth": 2}))
+    levels = result.details["levels"]
+    assert levels[0]["expanded"] == width  # the root forks into width children
+    for before, level in zip(levels, levels[1:], strict=False):
+        assert level["expanded"] == before["kept"] * width
+    assert all(level["kept"] <= width for level in levels)
+    assert result.answer is not None and any(c.accepted for c in result.candidates)
+
+
+def test_majority_vote_picks_the_most_common_answer(reasoner: Reasoner) -> None:
+    result = reasoner.run("55*7-13", cfg("majority", 2, **{"search.n_specs": 7}))
+    answers = [c.answer for c in result.candidates]
+    counts = {a: answers.count(a) for a in answers if a is not None}
+    assert result.answer == max(counts, key=lambda a: counts[a]) or counts[result.answer] == max(counts.values())
+
+
+@pytest.mark.parametrize("strategy", ["stepwise", "best_of_n", "tree", "majority", "speculator"])
+def test_a_seed_reproduces_a_run(reasoner: Reasoner, strategy: str) -> None:
+    a = reasoner.run("90-91+9", cfg(strategy, 7)).to_json()
+    b = reasoner.run("90-91+9", cfg(strategy, 7)).to_json()
+    for r in (a, b):
+        r.pop("seconds"), r.pop("timings")
+    assert a == b
+
+
+def _assert_cache_is_fresh(ctx: Context) -> None:
+    """The branch's cache holds exactly what a fresh prefill of its cached tokens would."""
+    n = len(ctx.tokens[0]) - len(ctx.pending[0])
+    fresh = Context(model=ctx.model, tokenizer=ctx.tokenizer, prompt=ctx.tokens[0][:n], room=1)
+    assert int(ctx.cache.lengths[0]) == n
+    for mine, ref in zip(ctx.cache.keys + ctx.cache.values, fresh.cache.keys + fresh.cache.values, strict=True):
+        np.testing.assert_allclose(mine[0, :, :n], ref[0, :, :n], atol=1e-4)
+
+
+def test_rejected_drafts_leave_no_trace_in_either_cache(builtin_bundle: Path) -> None:
+    bundle = Bundle(builtin_bundle)
+    # A high threshold: some drafts accepted, some rejected (with and without a reused prefix).
+    authors = []
+    for seed, q in enumerate(QUESTIONS):
+        run = Run(bundle=bundle, problem=q, config=cfg("stepwise", seed, **{"stepwise.threshold": 8.95,
+                                                                            "stepwise.candidates": 2}))
+        result = STRATEGY_FUNCTIONS["stepwise"](run)
+        authors += [s.author for s in result.steps]
+        spec, ver = (ctx for _, ctx in run.contexts)
+        assert spec.branches == ver.branches == 1
+        # Both contexts hold the prompt plus exactly the committed steps.
+        committed = [t for s in result.steps for t in bundle.tokenizers["verifier"].encode(
+            s.text, add_special_tokens=False)]
+        for ctx in (spec, ver):
+            assert ctx.tokenizer.decode(ctx.generated(0)) == result.text
+            _assert_cache_is_fresh(ctx)
+        assert len(ver.generated(0)) >= len(committed) - 1  # eos is generated but not text
+    assert "speculator" in authors and "verifier" in authors
+
+
+def test_config_validation_errors_say_what_to_change() -> None:
+    with pytest.raises(ConfigError, match="n_specs must be an integer >= 1"):
+        make_config(**{"search.n_specs": 0})
+    with pytest.raises(ConfigError, match="threshold must be a number >= 0"):
+        make_config(**{"stepwise.threshold": -1})
+    with pytest.raises(ConfigError, match="temperature must be a finite number >= 0"):
+        make_config(**{"speculator.temperature": -0.5})
+    with pytest.raises(ConfigError, match="unknown strategy 'beam'"):
+        make_config(strategy="beam")
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        make_config(preset="fast")
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['thresh'\] in stepwise"):
+        make_config(**{"stepwise.thresh": 5})
+    with pytest.raises(ConfigError, match="unknown score mode"):
+        make_config(**{"score.mode": "vibes"})
+
+
+def test_presets_are_the_seeds() -> None:
+    for preset, (n, depth, temp) in {"default": (4, 8, 0.7), "efficient": (2, 6, 0.8),
+                                     "quality": (8, 12, 0.6)}.items():
+        c = make_config(preset=preset)
+        assert (c.search.n_specs, c.search.max_depth, c.speculator.temperature) == (n, depth, temp)
+    assert make_config().score.verify_weight == 0.3
+
+
+def test_judge_mode_reads_digit_logits(reasoner: Reasoner) -> None:
+    # The built-in verifier is no judge, but the mechanics must hold: scores on the 0-9 scale, the judge
+    # prompt gone from the cache afterwards, and greedy scores being whole digits.
+    for method in ("greedy", "average"):
+        result = reasoner.run("37+45*3", cfg("stepwise", 0, **{"score.mode": "judge", "score.method": method,
+                                                                "score.judge_prompt": "\n\nQ: 1+2\n"}))
+        scores = [c.score for s in result.steps for c in s.candidates]
+        assert scores and all(0 <= x <= 9 for x in scores)
+        if method == "greedy":
+            assert all(float(x).is_integer() for x in scores)
+
+
+def test_empty_problem_is_refused(reasoner: Reasoner) -> None:
+    with pytest.raises(ConfigError, match="the problem is empty"):
+        reasoner.run("  ")
