@@ -180,3 +180,22 @@ def write_heldout_jsonl(*, path: str | Path, n: int = HELDOUT_SIZE) -> Path:
 def read_jsonl(path: str | Path) -> list[dict[str, str]]:
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m specreason_models.task",
+                                description="Write the built-in task's held-out split as JSONL "
+                                            "({\"id\", \"question\", \"answer\"} per line) for specreason eval.")
+    p.add_argument("--heldout", required=True, metavar="FILE.jsonl", help="where to write the split")
+    p.add_argument("--n", type=int, default=HELDOUT_SIZE, help=f"first N problems (default {HELDOUT_SIZE})")
+    args = p.parse_args(argv)
+    if not 1 <= args.n <= HELDOUT_SIZE:
+        p.error(f"--n must be in 1..{HELDOUT_SIZE}")
+    print(write_heldout_jsonl(path=args.heldout, n=args.n))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .cli_reason import add_commands as add_reason_commands
 from .errors import ConfigError, SpecReasonError
 from .manifest import load_manifest
 
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ONNX Runtime execution provider (default cpu; cuda/tensorrt need onnxruntime-gpu)")
     gen.add_argument("--json", action="store_true", help="print tokens, text and log-probs as JSON")
     gen.set_defaults(func=_generate)
+    add_reason_commands(sub)  # run, eval
     bench = sub.add_parser("bench", help="benchmarks with JSON output")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     logits = bench_sub.add_parser("logits", help="prefill with logits at the last position vs at every position")

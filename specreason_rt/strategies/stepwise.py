@@ -43,9 +43,10 @@ def run_stepwise(run: Run) -> RunResult:
         index, budget = len(traj.steps), run.step_budget(traj.tokens)
         candidates: list[Candidate] = []
         spec.flush()
-        ver.flush()
         spec_len, spec_logits = spec.length(0), spec.logits[0].copy()
-        ver_len, ver_logits = ver.length(0), ver.logits[0].copy()
+        # The verifier's pending token (the end of a step it wrote) rides along with the scoring pass, whose
+        # first row is the logits after it: what a dropped draft rewinds to. No flush needed.
+        ver_len = ver.length(0)
         reuse_span: list[int] = []
         accepted = -1
         if index >= cfg.first_n_steps_verifier:
@@ -89,7 +90,7 @@ def run_stepwise(run: Run) -> RunResult:
                     spec.truncate(0, length=spec_len, logits=spec_logits)
                     if ver.branches > 1:
                         ver.gather([keep])
-                    after = scored.rows[keep][len(reuse_span)] if reuse_span else ver_logits
+                    after = scored.rows[keep][len(reuse_span)]  # row 0: the logits before the draft
                     ver.truncate(0, length=ver_len + len(reuse_span), logits=after)
                 done = False
                 out_finish = ""
