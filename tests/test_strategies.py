@@ -175,3 +175,35 @@ def test_judge_mode_reads_digit_logits(reasoner: Reasoner) -> None:
 def test_empty_problem_is_refused(reasoner: Reasoner) -> None:
     with pytest.raises(ConfigError, match="the problem is empty"):
         reasoner.run("  ")
+
+
+@pytest.fixture(scope="module")
+def mixed_bundle(tmp_path_factory: pytest.TempPathFactory, word_tokenizer_llama_dir: Path) -> Path:
+    """The built-in speculator with a verifier whose (word-level) tokenizer is different."""
+    from specreason_export.bundle import ExportOptions, write_bundle
+
+    out = tmp_path_factory.mktemp("mixed") / "bundle"
+    write_bundle(ExportOptions(speculator="speculator", verifier=str(word_tokenizer_llama_dir), out=out,
+                               show_progress=False))
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0, 10])
+def test_different_tokenizers_hand_text_across(mixed_bundle: Path, threshold: int) -> None:
+    bundle = Bundle(mixed_bundle)
+    assert not bundle.manifest.tokenizers_shared
+    config = cfg("stepwise", 0, **{"stepwise.threshold": threshold, "limits.max_step_tokens": 6,
+                                   "limits.max_tokens": 24, "limits.stop_on_repeat": False})
+    run = Run(bundle=bundle, problem="37+45*3", config=config)
+    result = STRATEGY_FUNCTIONS["stepwise"](run)
+    author = "speculator" if threshold == 0 else "verifier"
+    assert result.steps and all(s.author == author for s in result.steps)
+    spec, ver = (ctx for _, ctx in run.contexts)
+    # The model that did not write a step holds that step's text in its own tokenizer.
+    reader = ver if author == "speculator" else spec
+    expected = [t for s in result.steps for t in reader.tokenizer.encode(s.text, add_special_tokens=False)]
+    written = spec if author == "speculator" else ver
+    assert reader.generated(0) == expected
+    ends = np.cumsum([s.tokens for s in result.steps])
+    pieces = np.split(np.array(written.generated(0)), ends[:-1])
+    assert [written.tokenizer.decode(p.tolist()) for p in pieces] == [s.text for s in result.steps]
