@@ -136,7 +136,10 @@ def processed_logprobs(*, logits: np.ndarray, params: SamplingParams,
     For greedy params the distribution is a point mass: 0 at the (lowest-id) argmax, -inf elsewhere.
     """
     _check_inputs(logits, history)
-    x = np.array(logits, dtype=np.float32, copy=True)  # x: [branches, vocab]; the caller's array stays untouched
+    # x: [branches, vocab]. Copied only when the penalty writes into it: the caller's array stays untouched
+    # (the later steps all build new arrays).
+    penalize = params.repetition_penalty != 1.0 and history is not None
+    x = np.array(logits, dtype=np.float32, copy=True) if penalize else np.asarray(logits, dtype=np.float32)
     # 1. Repetition penalty (also for greedy, as in transformers).
     _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
     if params.greedy:
@@ -149,7 +152,39 @@ def processed_logprobs(*, logits: np.ndarray, params: SamplingParams,
     x = _top_k(x, params.top_k)
     x = _top_p(x, params.top_p)
     x = _min_p(x, params.min_p)
-    return log_softmax(x).astype(np.float32)
+    return log_softmax(x).astype(np.float32, copy=False)
+
+
+CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
+def _inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Per row, the first token whose cumulative probability exceeds u * total (an inverse-CDF draw).
+
+    probs: [branches, vocab] float32, unnormalised, 0 for removed tokens (which, adding nothing to the sum,
+    are never the first to exceed it); u: [branches] uniform in [0, 1). Returns [branches] int64.
+    A full float64 cumsum over a 50k vocabulary costs ~0.5 ms per row (cumsum does not vectorise), so the
+    sum runs in two levels: block totals (a vectorised reduction), a cumsum over the blocks, and a cumsum
+    inside the one block that holds the target. Sums are float64, accurate over the whole vocabulary.
+    """
+    branches, vocab = probs.shape
+    n_blocks = -(-vocab // CDF_BLOCK)
+    padded = np.zeros((branches, n_blocks * CDF_BLOCK), np.float32)  # [branches, n_blocks * CDF_BLOCK]
+    padded[:, :vocab] = probs
+    block_cdf = np.cumsum(padded.reshape(branches, n_blocks, CDF_BLOCK).sum(axis=-1, dtype=np.float64),
+                          axis=-1)  # [branches, n_blocks]
+    tokens = np.empty(branches, np.int64)
+    for b in range(branches):
+        target = u[b] * block_cdf[b, -1]
+        j = min(int(np.searchsorted(block_cdf[b], target, side="right")), n_blocks - 1)
+        start = block_cdf[b, j - 1] if j else 0.0
+        inner = start + np.cumsum(padded[b, j * CDF_BLOCK:(j + 1) * CDF_BLOCK], dtype=np.float64)
+        t = j * CDF_BLOCK + int(np.searchsorted(inner, target, side="right"))
+        if t >= vocab or probs[b, t] == 0:
+            # Rounding put the target at the very end: take the last token that has any probability.
+            t = vocab - 1 - int(np.argmax(probs[b, ::-1] > 0))
+        tokens[b] = t
+    return tokens
 
 
 def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
@@ -161,18 +196,22 @@ def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generat
     chosen tokens. Greedy params draw nothing from rng; otherwise exactly one uniform per branch, so the same
     seed gives the same tokens.
     """
-    logp = processed_logprobs(logits=logits, params=params, history=history)  # [branches, vocab]
+    rows = np.arange(logits.shape[0])
     if params.greedy:
-        tokens = np.argmax(logp, axis=-1)
+        # The point mass of processed_logprobs sits at this argmax: skip building it.
+        _check_inputs(logits, history)
+        x = logits
+        if params.repetition_penalty != 1.0 and history is not None:
+            x = np.array(logits, dtype=np.float32, copy=True)
+            _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
+        tokens = np.argmax(x, axis=-1)
     else:
-        # Inverse-CDF draw: the first token whose cumulative probability exceeds u * total. Removed tokens add
-        # nothing to the sum, so they can never be the first to exceed it. If rounding makes u reach the total,
-        # the clip falls back to the last token that has any probability.
-        probs = np.exp(logp.astype(np.float64))  # [branches, vocab]
-        cdf = np.cumsum(probs, axis=-1)
-        u = rng.random(size=(logp.shape[0], 1)) * cdf[:, -1:]  # [branches, 1]
-        last = probs.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # [branches]
-        tokens = np.minimum((cdf <= u).sum(axis=-1), last)
+        logp = processed_logprobs(logits=logits, params=params, history=history)  # [branches, vocab]
+        probs = np.exp(logp)  # [branches, vocab] float32 (vectorised); exactly 0 for removed tokens
+        tokens = _inverse_cdf(probs, rng.random(size=logp.shape[0]))
     tokens = tokens.astype(np.int64)  # [branches]
-    raw: np.ndarray = log_softmax(np.asarray(logits, dtype=np.float32))  # [branches, vocab]
-    return tokens, raw[np.arange(tokens.shape[0]), tokens].astype(np.float32)
+    # The log-probability of each chosen token under the RAW logits: only its logsumexp is needed.
+    x = np.asarray(logits, dtype=np.float32)
+    top = x.max(axis=-1)  # [branches]
+    lse = top + np.log(np.exp(x - top[:, None]).sum(axis=-1))  # [branches]
+    return tokens, (x[rows, tokens] - lse).astype(np.float32)

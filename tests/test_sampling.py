@@ -223,3 +223,21 @@ def test_matches_transformers_logits_processors(params: SamplingParams) -> None:
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref_logprobs))  # the same tokens removed
     finite = np.isfinite(ours)
     np.testing.assert_allclose(ours[finite], ref_logprobs[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_two_level_inverse_cdf_matches_the_full_cumsum() -> None:
+    from specreason_rt.sampling import _inverse_cdf
+
+    rng = np.random.default_rng(3)
+    for vocab in (5, 256, 1000, 49152):
+        probs = rng.random((4, vocab)).astype(np.float32) ** 8  # peaked, like real distributions
+        probs[:, rng.random(vocab) < 0.3] = 0  # removed tokens
+        probs[0, :-1] = 0  # only the last token left
+        for _ in range(20):
+            u = rng.random(4)
+            cdf = np.cumsum(probs.astype(np.float64), axis=-1)
+            expected = (cdf <= u[:, None] * cdf[:, -1:]).sum(axis=-1)
+            got = _inverse_cdf(probs, u)
+            assert (probs[np.arange(4), got] > 0).all()
+            assert (got == np.minimum(expected, vocab - 1)).all() or np.allclose(
+                cdf[np.arange(4), got], cdf[np.arange(4), np.minimum(expected, vocab - 1)], rtol=1e-9)
