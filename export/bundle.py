@@ -57,6 +57,7 @@ class ExportOptions:
     max_logit_diff: float | None = None  # None: the precision's default tolerance
     min_agreement: float | None = None
     show_progress: bool = True
+    value_head: str = "auto"  # a head file for the verifier, "none", or "auto": the built-in verifier's own head
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -73,6 +74,7 @@ class ExportOptions:
         return Tolerance(
             max_abs_logit_diff=self.max_logit_diff if self.max_logit_diff is not None else base.max_abs_logit_diff,
             min_greedy_agreement=self.min_agreement if self.min_agreement is not None else base.min_greedy_agreement,
+            max_abs_value_diff=base.max_abs_value_diff,
         )
 
 
@@ -149,7 +151,39 @@ def _attention_for(*, role: str, arch: Architecture, requested: str) -> str:
     return requested
 
 
-def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> ModelEntry:
+def _value_head(spec: str, src: Source) -> tuple[Any, dict[str, Any]] | None:
+    """The head to put in the verifier's graph (module, manifest facts), or None; checked against the model."""
+    from specreason_models import builtin_path
+    from specreason_models.value_head import FILE_NAME, load_value_head
+
+    if spec == "none":
+        return None
+    if spec == "auto":
+        path = builtin_path("verifier") / FILE_NAME
+        if src.kind != "builtin" or src.ident != "verifier" or not path.is_file():
+            return None
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ExportError(f"--value-head {spec}: no such file; pass a head written by "
+                              "python -m specreason_models.value_head, or none")
+    try:
+        head, report = load_value_head(path)
+    except ValueError as e:
+        raise ExportError(f"--value-head {e}") from e
+    hidden = src.model.config.hidden_size
+    if head.d_model != hidden:
+        raise ExportError(f"--value-head {path}: the head takes hidden states of size {head.d_model}, the verifier "
+                          f"{src.ident!r} has hidden size {hidden}; train a head for this verifier "
+                          "(python -m specreason_models.value_head) or pass --value-head none")
+    facts = {"input_size": head.d_model, "hidden": head.hidden, "file": path.name, "sha256": sha256_file(path),
+             "metrics": {k: v for k, v in report.items() if k.startswith("heldout")},
+             "recipe": report.get("recipe", {})}
+    return head, facts
+
+
+def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, progress: Progress,
+                 value_head: tuple[Any, dict[str, Any]] | None = None) -> ModelEntry:
     role_dir = tmp / role
     role_dir.mkdir()
     arch = _architecture(src.model)
@@ -159,7 +193,8 @@ def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, prog
     attention = _attention_for(role=role, arch=arch, requested=opts.attention)
     with progress.stage(f"{role}: export ONNX graph ({arch.family}, {arch.layers} layers, "
                         f"{arch.parameters / 1e6:.1f}M parameters, {attention} attention)"):
-        io = export_onnx(model=src.model, out_path=fp32_path, attention=attention)
+        io = export_onnx(model=src.model, out_path=fp32_path, attention=attention,
+                         value_head=value_head[0] if value_head else None)
     if opts.precision != "fp32":
         with progress.stage(f"{role}: quantize weights to {opts.precision}"):
             quantize(src=fp32_path, dst=role_dir / "model.onnx", precision=opts.precision, external_data=external)
@@ -167,13 +202,15 @@ def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, prog
     with progress.stage(f"{role}: validate against PyTorch ({opts.decode_steps} decode steps, ragged batch)"):
         report = validate(model=src.model, onnx_path=role_dir / "model.onnx", attention=attention,
                           prompts=_validation_prompts(src),
-                          precision=opts.precision, decode_steps=opts.decode_steps, tolerance=opts.tolerance())
+                          precision=opts.precision, decode_steps=opts.decode_steps, tolerance=opts.tolerance(),
+                          value_head=value_head[0] if value_head else None)
         progress.info(f"max |logit diff| {report['max_abs_logit_diff']:.2e}, greedy agreement "
                       f"{report['greedy_agreement']:.0%} over {report['greedy_positions_checked']} positions")
     if not report["passed"]:
         tol = report["tolerance"]
+        value_note = f", max |value diff| {report['max_abs_value_diff']:.3g}" if value_head else ""
         raise ExportError(
-            f"{role} failed validation: max |logit diff| {report['max_abs_logit_diff']:.3g} "
+            f"{role} failed validation: max |logit diff| {report['max_abs_logit_diff']:.3g}{value_note} "
             f"(limit {tol['max_abs_logit_diff']}), greedy agreement {report['greedy_agreement']:.1%} "
             f"(minimum {tol['min_greedy_agreement']:.0%}); no bundle written. Try a higher precision, or "
             "loosen --max-logit-diff / --min-agreement if the difference is expected")
@@ -184,6 +221,7 @@ def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, prog
                   "dtype": "float32", "outputs": KV_OUTPUTS[attention], **KV_NAMES[attention]},
         tokenizer=f"{role}/tokenizer.json", generation=_generation(src, opts.step_delimiter),
         source={"kind": src.kind, "id": src.ident, "files": src.file_hashes}, validation=report,
+        value_head=value_head[1] if value_head else None,
     )
 
 
@@ -212,10 +250,12 @@ def write_bundle(opts: ExportOptions) -> Manifest:
             same = [s for r, s in sources.items() if getattr(opts, r) == spec]
             sources[role] = same[0] if same else load_source(spec)
     _check_free_space(out.parent, list(sources.values()), opts.precision)
+    head = _value_head(opts.value_head, sources["verifier"])  # checked before anything is written
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        entries = {role: _export_role(role=role, src=sources[role], tmp=tmp, opts=opts, progress=progress)
+        entries = {role: _export_role(role=role, src=sources[role], tmp=tmp, opts=opts, progress=progress,
+                                      value_head=head if role == "verifier" else None)
                    for role in ROLES}
         with progress.stage("write manifest and publish the bundle"):
             shared = (_tokenizer_signature(tmp / entries["speculator"].tokenizer)

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1e-3 for fp32, unchecked for int8/int4)")
     p.add_argument("--min-agreement", type=float, default=None, metavar="F",
                    help="validation minimum greedy-token agreement, 0..1 (default 1.0 fp32, 0.5 int8/int4)")
+    p.add_argument("--value-head", default="auto", metavar="FILE|none",
+                   help="value head put in the verifier's graph (output `value`): a file from "
+                        "python -m specreason_models.value_head, or none (default: the built-in verifier's own head)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                              precision=args.precision, force=args.force, step_delimiter=delimiter,
                              attention=args.attention,
                              decode_steps=args.decode_steps, max_logit_diff=args.max_logit_diff,
-                             min_agreement=args.min_agreement, show_progress=not args.quiet)
+                             min_agreement=args.min_agreement, show_progress=not args.quiet,
+                             value_head=args.value_head)
         manifest = write_bundle(opts)
     except ExportError as e:
         print(f"specreason-export: error: {e}", file=sys.stderr)

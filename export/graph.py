@@ -14,6 +14,8 @@ Two attention variants share everything else:
   * "gqa"   — ONNX Runtime's GroupQueryAttention contrib op (rotary inside, per-branch lengths via
     `seqlens_k`), whose past and present caches are the *same* runtime-owned buffer bound with IO binding:
     a decode step copies no cache at all. Fastest on ONNX Runtime CPU/CUDA; needs head_dim % 16 == 0.
+An optional value head (specreason_models.value_head: an MLP ending in a sigmoid) adds the output `value`
+[branches, logit_positions]: the head applied to the same final-norm hidden states the logits come from.
 The semantics of every input and output are documented in specreason_rt/manifest.py.
 """
 
@@ -52,7 +54,7 @@ class _GroupQueryAttention(torch.autograd.Function):
 
 
 class BranchDecoder(nn.Module):
-    def __init__(self, hf_model: nn.Module, *, attention: str = "plain") -> None:
+    def __init__(self, hf_model: nn.Module, *, attention: str = "plain", value_head: nn.Module | None = None) -> None:
         super().__init__()
         if attention not in ATTENTION_VARIANTS:
             raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
@@ -66,6 +68,7 @@ class BranchDecoder(nn.Module):
         self.layers = hf_model.model.layers
         self.norm = hf_model.model.norm
         self.lm_head = hf_model.lm_head
+        self.value_head = value_head  # maps [..., hidden] -> [...] in [0, 1]
         rotary = hf_model.model.rotary_emb
         # inv_freq and attention_scaling already include any rope scaling (llama3, yarn, ...) of the source.
         self.register_buffer("inv_freq", rotary.inv_freq.detach().clone().float(), persistent=False)
@@ -87,11 +90,13 @@ class BranchDecoder(nn.Module):
             return self.forward_gqa(*args)
         return self.forward_plain(*args)
 
-    def _logits(self, h: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
-        # Only the requested positions go through the final norm and the vocab projection.
+    def _logits(self, h: torch.Tensor, logits_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Only the requested positions go through the final norm, the vocab projection and the value head.
         index = logits_index[:, :, None].expand(-1, -1, h.shape[-1])
         picked = self.norm(torch.gather(h, 1, index))  # [branches, k, hidden]
-        return self.lm_head(picked)  # [branches, k, vocab]
+        if self.value_head is None:
+            return (self.lm_head(picked),)  # logits [branches, k, vocab]
+        return self.lm_head(picked), self.value_head(picked)  # and value [branches, k]
 
     def forward_gqa(self, input_ids: torch.Tensor, seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor,
                     logits_index: torch.Tensor, *past: torch.Tensor):
@@ -112,7 +117,7 @@ class BranchDecoder(nn.Module):
             present_values.append(v)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return (self._logits(h, logits_index), *present_keys, *present_values)
+        return (*self._logits(h, logits_index), *present_keys, *present_values)
 
     def forward_plain(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                       logits_index: torch.Tensor, *past: torch.Tensor):
@@ -158,4 +163,4 @@ class BranchDecoder(nn.Module):
             h = h + attn.o_proj(out.reshape(branches, new, self.heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
 
-        return (self._logits(h, logits_index), *new_keys, *new_values)
+        return (*self._logits(h, logits_index), *new_keys, *new_values)

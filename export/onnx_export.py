@@ -21,7 +21,7 @@ KV_NAMES = {
 GQA_HEAD_DIM_MULTIPLE = 16  # ONNX Runtime's CPU GroupQueryAttention kernel requires it
 
 
-def io_spec(*, attention: str, layers: int, kv_heads: int, head_dim: int, vocab: int
+def io_spec(*, attention: str, layers: int, kv_heads: int, head_dim: int, vocab: int, value_head: bool = False
             ) -> dict[str, list[dict[str, Any]]]:
     """The graph's inputs and outputs with symbolic dims, exactly as recorded in the manifest."""
     names = KV_NAMES[attention]
@@ -45,20 +45,26 @@ def io_spec(*, attention: str, layers: int, kv_heads: int, head_dim: int, vocab:
     inputs += [{"name": names["past_key"].format(i), "dtype": "float32", "shape": kv_in} for i in range(layers)]
     inputs += [{"name": names["past_value"].format(i), "dtype": "float32", "shape": kv_in} for i in range(layers)]
     outputs = [{"name": "logits", "dtype": "float32", "shape": ["branches", "logit_positions", vocab]}]
+    if value_head:
+        outputs.append({"name": "value", "dtype": "float32", "shape": ["branches", "logit_positions"]})
     outputs += [{"name": out_key.format(i), "dtype": "float32", "shape": kv_out} for i in range(layers)]
     outputs += [{"name": out_value.format(i), "dtype": "float32", "shape": kv_out} for i in range(layers)]
     return {"inputs": inputs, "outputs": outputs}
 
 
-def export_onnx(*, model: Any, out_path: Path, attention: str) -> dict[str, list[dict[str, Any]]]:
-    """Write `model` (a transformers Llama-family CausalLM) as an fp32 ONNX graph; return its IO spec."""
+def export_onnx(*, model: Any, out_path: Path, attention: str, value_head: Any = None
+                ) -> dict[str, list[dict[str, Any]]]:
+    """Write `model` (a transformers Llama-family CausalLM) as an fp32 ONNX graph; return its IO spec.
+
+    value_head: an optional torch module [..., hidden] -> [...] exported as the extra output `value`.
+    """
     import torch
 
-    decoder = BranchDecoder(model, attention=attention).eval()
+    decoder = BranchDecoder(model, attention=attention, value_head=value_head).eval()
     cfg = model.config
     layers = cfg.num_hidden_layers
     spec = io_spec(attention=attention, layers=layers, kv_heads=decoder.kv_heads, head_dim=decoder.head_dim,
-                   vocab=cfg.vocab_size)
+                   vocab=cfg.vocab_size, value_head=value_head is not None)
 
     # Trace with past > 0 and new > 1 so no dimension is specialised to 0 or 1.
     branches, new, past = 2, 3, 2

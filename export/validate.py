@@ -8,6 +8,8 @@ tokens, so both models see exactly the same contexts, and every logit row is com
     max_abs_logit_diff   max |logit_onnx - logit_torch| over every compared position and vocab entry
     greedy_agreement     share of generated positions where argmax(onnx) is the reference's greedy token;
                          1.0 means the exported model's greedy continuation is token-identical
+    max_abs_value_diff   with a value head: max |value_onnx - value_torch| over the same positions, the torch
+                         value being the head on transformers' final-norm hidden states (last_hidden_state)
 
 Feeding the reference (not the graph's own argmax) keeps quantized exports comparable: every variant is
 scored on the same positions instead of on its own, diverging continuation.
@@ -31,22 +33,24 @@ from .onnx_export import KV_NAMES
 class Tolerance:
     max_abs_logit_diff: float | None  # None: recorded, not enforced (quantized weights change logits)
     min_greedy_agreement: float
+    max_abs_value_diff: float | None = None  # the value head's output, when the graph has one
 
 
 # fp32 must match the source to float rounding. Quantized weights change logits by design, so for int8/int4
 # the bar only catches a broken export (which agrees on almost nothing); the recorded agreement is the
 # quality figure (SmolLM2-135M: 67% for both over 27 positions).
 DEFAULT_TOLERANCES = {
-    "fp32": Tolerance(max_abs_logit_diff=1e-3, min_greedy_agreement=1.0),
+    "fp32": Tolerance(max_abs_logit_diff=1e-3, min_greedy_agreement=1.0, max_abs_value_diff=1e-4),
     "int8": Tolerance(max_abs_logit_diff=None, min_greedy_agreement=0.5),
     "int4": Tolerance(max_abs_logit_diff=None, min_greedy_agreement=0.5),
 }
 
 
 def run_onnx(*, engine: OrtEngine, prompts: list[list[int]], continuations: list[list[int]], kv_heads: int,
-             head_dim: int, max_context: int) -> list[np.ndarray]:
+             head_dim: int, max_context: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """Batched prefill of the prompts, then one decode step per continuation token (all but the last),
-    fed to every branch at once. Returns per branch the logits [len(prompt) + steps, vocab]."""
+    fed to every branch at once. Returns per branch the logits [len(prompt) + steps, vocab], and with a
+    value head the values [len(prompt) + steps] (else None)."""
     branches = len(prompts)
     decode_steps = len(continuations[0]) - 1
     lens = np.array([len(p) for p in prompts], np.int64)
@@ -59,18 +63,28 @@ def run_onnx(*, engine: OrtEngine, prompts: list[list[int]], continuations: list
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = p
     index = np.tile(np.arange(width), (branches, 1))
-    logits = engine.step(cache=cache, input_ids=ids, n_new=lens, logits_index=index)
+    with_value = engine.has_value
+
+    def forward(fed: np.ndarray, n_new: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if with_value:
+            return engine.step_with_values(cache=cache, input_ids=fed, n_new=n_new, logits_index=at)
+        return engine.step(cache=cache, input_ids=fed, n_new=n_new, logits_index=at), None
+
+    logits, value = forward(ids, lens, index)
     rows = [[logits[b, t] for t in range(lens[b])] for b in range(branches)]
+    value_rows = [[value[b, t] for t in range(lens[b])] for b in range(branches)] if value is not None else None
 
     # 2. Decode, one reference token per branch per step, branches at different lengths.
     ones = np.ones(branches, np.int64)
     zero_index = np.zeros((branches, 1), np.int64)
     for step in range(decode_steps):
         fed = np.array([[c[step]] for c in continuations], np.int64)  # [branches, 1]
-        logits = engine.step(cache=cache, input_ids=fed, n_new=ones, logits_index=zero_index)
+        logits, value = forward(fed, ones, zero_index)
         for b in range(branches):
             rows[b].append(logits[b, 0])
-    return [np.stack(r) for r in rows]
+            if value_rows is not None and value is not None:
+                value_rows[b].append(value[b, 0])
+    return [np.stack(r) for r in rows], [np.stack(r) for r in value_rows] if value_rows is not None else None
 
 
 def reference_continuations(*, model: Any, prompts: list[list[int]], tokens: int) -> list[list[int]]:
@@ -89,8 +103,9 @@ def reference_continuations(*, model: Any, prompts: list[list[int]], tokens: int
 
 
 def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[int]], precision: str,
-             decode_steps: int = 8, tolerance: Tolerance | None = None) -> dict[str, Any]:
-    """Compare the ONNX graph with `model`; return the report recorded in the manifest."""
+             decode_steps: int = 8, tolerance: Tolerance | None = None, value_head: Any = None) -> dict[str, Any]:
+    """Compare the ONNX graph with `model` (and its `value` output with the torch `value_head`, if given);
+    return the report recorded in the manifest."""
     import torch
 
     if len(prompts) < 3 or len({len(p) for p in prompts}) < 2:
@@ -101,14 +116,21 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
     engine = OrtEngine(model_path=onnx_path, layers=cfg.num_hidden_layers, kv_names=KV_NAMES[attention],
                        attention=attention)
     continuations = reference_continuations(model=model, prompts=prompts, tokens=decode_steps + 1)
-    onnx_rows = run_onnx(engine=engine, prompts=prompts, continuations=continuations,
+    onnx_rows, onnx_values = run_onnx(engine=engine, prompts=prompts, continuations=continuations,
                          kv_heads=cfg.num_key_value_heads, head_dim=head_dim, max_context=cfg.max_position_embeddings)
 
-    max_diff, agree, total = 0.0, 0, 0
+    if (value_head is not None) != (onnx_values is not None):
+        raise ValueError(f"{onnx_path}: a value head was {'' if value_head is not None else 'not '}given but the "
+                         f"graph {'lacks' if value_head is not None else 'has'} the output `value`")
+    max_diff, max_value_diff, agree, total = 0.0, 0.0, 0, 0
     for b, prompt in enumerate(prompts):
         sequence = prompt + continuations[b][:-1]  # what both models were fed
         with torch.no_grad():
             ref = model(torch.tensor([sequence])).logits[0].float().numpy()  # [len + steps, vocab]
+            if value_head is not None and onnx_values is not None:
+                hidden = model.model(torch.tensor([sequence])).last_hidden_state  # [1, len + steps, hidden]
+                ref_value = value_head(hidden)[0].float().numpy()  # [len + steps]
+                max_value_diff = max(max_value_diff, float(np.abs(onnx_values[b] - ref_value).max()))
         ours = onnx_rows[b]
         max_diff = max(max_diff, float(np.abs(ours - ref).max()))
         gen = slice(len(prompt) - 1, None)  # positions whose argmax is a generated token
@@ -116,8 +138,9 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
         total += ours[gen].shape[0]
     agreement = agree / total
     passed = agreement >= tol.min_greedy_agreement and (
-        tol.max_abs_logit_diff is None or max_diff <= tol.max_abs_logit_diff)
-    return {
+        tol.max_abs_logit_diff is None or max_diff <= tol.max_abs_logit_diff) and (
+        value_head is None or tol.max_abs_value_diff is None or max_value_diff <= tol.max_abs_value_diff)
+    report: dict[str, Any] = {
         "passed": passed,
         "reference": "transformers (PyTorch, fp32) on the source weights, each branch run alone; both fed "
                      "the transformers greedy continuation",
@@ -131,3 +154,6 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
         "greedy_positions_checked": total,
         "tolerance": dataclasses.asdict(tol),
     }
+    if value_head is not None:
+        report["max_abs_value_diff"] = max_value_diff
+    return report

@@ -3,6 +3,8 @@
 Two graph variants (export/graph.py): "plain" graphs return the new tokens' keys/values, which `step`
 writes into the cache; "gqa" graphs use GroupQueryAttention with past and present bound to the cache's
 own buffers (IO binding), so the op writes the new entries in place and a decode step copies no cache.
+A graph exported with a value head has the extra output `value` [branches, k]; only `step_with_values`
+fetches it, so `step` costs what it costs on a graph without a head.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class OrtEngine:
         self.ort_seconds = 0.0  # wall time spent inside ONNX Runtime calls (for overhead accounting)
         self._binding: ort.IOBinding | None = None
         self._bound_arrays: list[np.ndarray] = []  # kept alive, so identity comparison stays meaningful
+        self.has_value = "value" in {o.name for o in self.session.get_outputs()}
 
     @classmethod
     def from_bundle(cls, *, bundle_dir: str | Path, entry: ModelEntry, providers: list[str] | None = None,
@@ -82,8 +85,25 @@ class OrtEngine:
         input_ids: [branches, new] right-padded; n_new: [branches] (0 leaves a branch unchanged);
         logits_index: [branches, k] positions (< new) whose logits are wanted.
         """
+        return self._step(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
+                          want_value=False)[0]
+
+    def step_with_values(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray,
+                         logits_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`step`, also returning the value head's output [branches, k] at the same positions."""
+        if not self.has_value:
+            raise ConfigError("this model's graph has no value head (output `value`); export the verifier with a "
+                              "value head: specreason-export --value-head FILE")
+        logits, value = self._step(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
+                                   want_value=True)
+        assert value is not None
+        return logits, value
+
+    def _step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray,
+              want_value: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if self.attention == "plain":
-            return self._step_plain(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index)
+            return self._step_plain(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
+                                    want_value=want_value)
         branches, new = input_ids.shape
         # The padded tail of a row is written past the branch's length and never attended: reserve room for it.
         cache.reserve(int(cache.lengths.max()) + new)
@@ -92,18 +112,24 @@ class OrtEngine:
             # so such a call (verifying drafted steps, say) runs branch by branch on views of the cache.
             rows = [self._run_gqa(keys=[k[b:b + 1] for k in cache.keys], values=[v[b:b + 1] for v in cache.values],
                                   lengths=cache.lengths[b:b + 1], input_ids=input_ids[b:b + 1],
-                                  logits_index=logits_index[b:b + 1], reuse=False)
+                                  logits_index=logits_index[b:b + 1], reuse=False, want_value=want_value)
                     for b in range(branches) if n_new[b] > 0]
-            logits = np.zeros((branches, logits_index.shape[1], rows[0].shape[-1]), np.float32)
-            logits[n_new > 0] = np.concatenate(rows)
+            logits = np.zeros((branches, logits_index.shape[1], rows[0][0].shape[-1]), np.float32)
+            logits[n_new > 0] = np.concatenate([r[0] for r in rows])
+            value = None
+            if want_value:
+                value = np.zeros((branches, logits_index.shape[1]), np.float32)  # [branches, k]
+                value[n_new > 0] = np.concatenate([r[1] for r in rows])
         else:
-            logits = self._run_gqa(keys=cache.keys, values=cache.values, lengths=cache.lengths,
-                                   input_ids=input_ids, logits_index=logits_index, reuse=True)
+            logits, value = self._run_gqa(keys=cache.keys, values=cache.values, lengths=cache.lengths,
+                                          input_ids=input_ids, logits_index=logits_index, reuse=True,
+                                          want_value=want_value)
         cache.lengths = cache.lengths + n_new
-        return logits
+        return logits, value
 
     def _run_gqa(self, *, keys: list[np.ndarray], values: list[np.ndarray], lengths: np.ndarray,
-                 input_ids: np.ndarray, logits_index: np.ndarray, reuse: bool) -> np.ndarray:
+                 input_ids: np.ndarray, logits_index: np.ndarray, reuse: bool, want_value: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
         new = input_ids.shape[1]
         seqlens = (lengths + new - 1).astype(np.int32)  # [branches]: every row counts as `new` tokens long
         total = np.array(int(lengths.max()) + new, np.int32)
@@ -128,19 +154,25 @@ class OrtEngine:
         binding.bind_cpu_input("total_sequence_length", total)
         binding.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, np.int64))
         binding.bind_output("logits")
+        if want_value:
+            # Bound after logits; a reused binding keeps it (and its tiny cost) for later calls.
+            binding.bind_output("value")
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.ort_seconds += time.perf_counter() - start
-        return binding.get_outputs()[-1].numpy()
+        # Outputs come in binding order: the 2 * layers caches, logits, then value when it was ever bound.
+        outputs = binding.get_outputs()
+        kv = 2 * self.layers
+        return outputs[kv].numpy(), (outputs[kv + 1].numpy() if want_value else None)
 
-    def _step_plain(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
-                    ) -> np.ndarray:
+    def _step_plain(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray,
+                    want_value: bool) -> tuple[np.ndarray, np.ndarray | None]:
         keys, values, mask, positions = cache.step_inputs(n_new, input_ids.shape[1])
-        logits, new_keys, new_values = self.forward(input_ids=input_ids, position_ids=positions,
-                                                    attention_mask=mask, logits_index=logits_index,
-                                                    past_keys=keys, past_values=values)
+        logits, new_keys, new_values, value = self._run_plain(
+            input_ids=input_ids, position_ids=positions, attention_mask=mask, logits_index=logits_index,
+            past_keys=keys, past_values=values, want_value=want_value)
         cache.append(new_keys, new_values, n_new)
-        return logits
+        return logits, value
 
     def forward(self, *, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                 logits_index: np.ndarray, past_keys: list[np.ndarray], past_values: list[np.ndarray]
@@ -153,11 +185,21 @@ class OrtEngine:
         """
         if self.attention != "plain":
             raise ConfigError("forward() drives plain-attention graphs; use step() for this gqa graph")
+        logits, keys, values, _ = self._run_plain(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, logits_index=logits_index,
+            past_keys=past_keys, past_values=past_values, want_value=False)
+        return logits, keys, values
+
+    def _run_plain(self, *, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                   logits_index: np.ndarray, past_keys: list[np.ndarray], past_values: list[np.ndarray],
+                   want_value: bool) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray | None]:
         feed = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
                 "logits_index": logits_index}
         feed.update(zip(self.past_key_names, past_keys, strict=True))
         feed.update(zip(self.past_value_names, past_values, strict=True))
         start = time.perf_counter()
-        out = self.session.run(["logits", *self.out_key_names, *self.out_value_names], feed)
+        names = ["logits", *self.out_key_names, *self.out_value_names, *(["value"] if want_value else [])]
+        out = self.session.run(names, feed)
         self.ort_seconds += time.perf_counter() - start
-        return out[0], out[1:1 + self.layers], out[1 + self.layers:]
+        return out[0], out[1:1 + self.layers], out[1 + self.layers:1 + 2 * self.layers], (
+            out[-1] if want_value else None)

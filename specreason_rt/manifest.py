@@ -35,7 +35,12 @@ ModelEntry:
     tokenizer                relative path of tokenizer.json
     generation               bos_id, eos_ids, pad_id, chat_template, step_delimiter
     source                   kind ("builtin" | "hf" | "gguf"), id, {file: sha256}
-    validation               the export's self-check against the PyTorch source (see export/validate.py)
+    validation               the export's self-check against the PyTorch source (see export/validate.py); with
+                             a value head also max_abs_value_diff (ONNX `value` vs the torch head)
+    value_head               optional (absent or null = no head): a value head inside this graph, the extra
+                             output `value`. {input_size (= architecture.hidden), hidden, file (the source file
+                             name), sha256 (of that file), metrics (the head's own held-out measurements, e.g.
+                             heldout_synthetic / heldout_speculator: {n, positives, accuracy, auc}), recipe}
 
 Graph semantics (one call = one forward over `new_tokens` positions for every branch):
 
@@ -44,6 +49,8 @@ Graph semantics (one call = one forward over `new_tokens` positions for every br
     attention_mask [branches, total_tokens] int64  1 = key slot holds a real token; total = past + new
     logits_index   [branches, logit_positions] int64  which of the new positions get logits
     logits         [branches, logit_positions, vocab] float32
+    value          [branches, logit_positions] float32 in [0, 1], only with a value head: sigmoid(head(h)) on the
+                   same final-norm hidden states h as `logits`; the belief that the step ending there is correct
 
 A new token at slot past_tokens + j attends to key slot t when attention_mask[b, t] == 1 and
 t <= past_tokens + j, so branches of different lengths share a batch (holes are masked out).
@@ -104,6 +111,7 @@ class ModelEntry:
     generation: Generation
     source: dict[str, Any]
     validation: dict[str, Any]
+    value_head: dict[str, Any] | None = None  # bundles written before value heads have none
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
