@@ -34,6 +34,7 @@ from .onnx_export import EXTERNAL_DATA_BYTES, GQA_HEAD_DIM_MULTIPLE, KV_NAMES, e
 from .progress import Progress
 from .quantize import quantize
 from .sources import Source, load_source
+from .trt import TrtOptions, build_engines, require_tensorrt
 from .validate import DEFAULT_TOLERANCES, Tolerance, validate
 
 # Generic prompts of different lengths for validating models trained on natural text.
@@ -58,6 +59,7 @@ class ExportOptions:
     min_agreement: float | None = None
     show_progress: bool = True
     value_head: str = "auto"  # a head file for the verifier, "none", or "auto": the built-in verifier's own head
+    trt: TrtOptions | None = None  # also build TensorRT engines (export/trt.py); forces plain attention
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -68,6 +70,14 @@ class ExportOptions:
             raise ExportError("--step-delimiter must not be empty")
         if self.attention not in ("auto", *ATTENTION_VARIANTS):
             raise ExportError(f"unknown attention {self.attention!r}: choose auto, {', '.join(ATTENTION_VARIANTS)}")
+        if self.trt is not None:
+            if self.precision != "fp32":
+                raise ExportError(f"--trt builds engines from the fp32 graph; {self.precision} graphs use ONNX Runtime "
+                                  "quantized operators TensorRT cannot parse. Use --precision fp16 for GPU engines")
+            if self.attention == "gqa":
+                raise ExportError("--trt needs plain attention (GroupQueryAttention is an ONNX Runtime contrib op); "
+                                  "drop --attention gqa")
+            object.__setattr__(self, "attention", "plain")
 
     def tolerance(self) -> Tolerance:
         base = DEFAULT_TOLERANCES[self.precision]
@@ -242,7 +252,10 @@ def write_bundle(opts: ExportOptions) -> Manifest:
         raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent} does not exist; create it or choose another --out")
-    progress = Progress(total=2 + 2 * (3 if opts.precision != "fp32" else 2) + 1, enabled=opts.show_progress)
+    if opts.trt is not None:
+        require_tensorrt()  # before minutes of export: without TensorRT, --trt fails here with the install line
+    progress = Progress(total=2 + 2 * (3 if opts.precision != "fp32" else 2) + 1 + (2 if opts.trt else 0),
+                        enabled=opts.show_progress)
     sources: dict[str, Source] = {}
     for role, spec in (("speculator", opts.speculator), ("verifier", opts.verifier)):
         with progress.stage(f"{role}: load {spec}"):
@@ -257,6 +270,8 @@ def write_bundle(opts: ExportOptions) -> Manifest:
         entries = {role: _export_role(role=role, src=sources[role], tmp=tmp, opts=opts, progress=progress,
                                       value_head=head if role == "verifier" else None)
                    for role in ROLES}
+        engines = ({} if opts.trt is None else
+                   build_engines(bundle_dir=tmp, entries=entries, options=opts.trt, progress=progress))
         with progress.stage("write manifest and publish the bundle"):
             shared = (_tokenizer_signature(tmp / entries["speculator"].tokenizer)
                       == _tokenizer_signature(tmp / entries["verifier"].tokenizer))
@@ -266,7 +281,7 @@ def write_bundle(opts: ExportOptions) -> Manifest:
             manifest = Manifest(
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 precision=opts.precision, tokenizers_shared=shared, tools=_tool_versions(), files=files,
-                models=entries,
+                models=entries, engines=engines,
             )
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
             _publish(tmp, out)

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ExportError
+
+if TYPE_CHECKING:
+    from specreason_rt.manifest import Manifest
+
+    from .trt import TrtOptions
 
 DESCRIPTION = """\
 Export a speculator model and a verifier model into one bundle directory that the specreason_rt
@@ -41,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the stronger model that checks them (default: built-in 'verifier')")
     p.add_argument("--out", type=Path, default=Path("specreason-bundle"), metavar="DIR",
                    help="bundle directory to create (default: ./specreason-bundle)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4", "fp16"],
                    help="weights: fp32, int8 (dynamic, CPU) or int4 (MatMulNBits, CPU/edge); default fp32")
     p.add_argument("--attention", default="auto", choices=["auto", "gqa", "plain"],
                    help="gqa: ONNX Runtime's GroupQueryAttention with an in-place KV cache (fastest on ORT); "
@@ -60,11 +66,70 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value head put in the verifier's graph (output `value`): a file from "
                         "python -m specreason_models.value_head, or none (default: the built-in verifier's own head)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    trt = p.add_argument_group("TensorRT engines (NVIDIA GPU; pip install 'specreason-rt[trt]', see runtime/README.md)")
+    trt.add_argument("--trt", action="store_true",
+                     help="also build one TensorRT engine per model (forces --attention plain; --precision fp16 "
+                          "builds fp16 engines beside the fp32 ONNX)")
+    trt.add_argument("--engines-only", action="store_true",
+                     help="build (or rebuild) the engines of the existing bundle --out on this machine; needs no torch")
+    trt.add_argument("--max-branches", type=int, default=8, metavar="N", help="branches the engines take (default 8)")
+    trt.add_argument("--max-prompt-tokens", type=int, default=512, metavar="N",
+                     help="longest prefill in one call (default 512)")
+    trt.add_argument("--max-step-tokens", type=int, default=128, metavar="N",
+                     help="longest verified step, and most logit positions per call (default 128)")
+    trt.add_argument("--trt-max-context", type=int, default=2048, metavar="N",
+                     help="tokens per branch the engines hold (default 2048, at most the model's context)")
+    trt.add_argument("--trt-workspace-mib", type=int, default=4096, metavar="MIB",
+                     help="builder workspace (default 4096)")
+    trt.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
+                     help="start from this TensorRT timing cache (default: the bundle's own, when it fits this GPU)")
+    trt.add_argument("--device-id", type=int, default=0, metavar="N", help="GPU to build on (default 0)")
     return p
+
+
+def _trt_options(args: argparse.Namespace) -> TrtOptions | None:
+    """The engine build options, or None without --trt / --engines-only; ExportError on bad values."""
+    from specreason_rt.errors import ConfigError
+    from specreason_rt.trt_plan import EngineLimits
+
+    from .trt import TrtOptions
+
+    if not (args.trt or args.engines_only):
+        if args.precision == "fp16":
+            raise ExportError("--precision fp16 is for TensorRT engines: add --trt (the ONNX stays fp32)")
+        return None
+    if args.precision not in ("fp32", "fp16"):
+        raise ExportError(f"--trt builds fp32 or fp16 engines, not {args.precision}: use --precision fp16 for GPUs")
+    try:
+        limits = EngineLimits(max_branches=args.max_branches, max_prompt_tokens=args.max_prompt_tokens,
+                              max_step_tokens=args.max_step_tokens, max_context=args.trt_max_context)
+    except ConfigError as e:
+        raise ExportError(str(e)) from e
+    return TrtOptions(precision=args.precision, limits=limits, workspace_mib=args.trt_workspace_mib,
+                      timing_cache=args.timing_cache, device_id=args.device_id)
+
+
+def _print_engines(manifest: Manifest) -> None:
+    for role, f in manifest.engines.items():
+        print(f"  {role:<10} TensorRT {f.tensorrt_version} engine {f.file}: {f.precision}, {f.device} (compute "
+              f"capability {f.compute_capability}), branches <= {f.max_branches}, context <= {f.max_context}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        trt_opts = _trt_options(args)
+        if args.engines_only:
+            from .trt import rebuild_engines
+
+            assert trt_opts is not None
+            manifest = rebuild_engines(bundle=args.out, options=trt_opts, show_progress=not args.quiet)
+            print(f"built engines for {args.out}:")
+            _print_engines(manifest)
+            return 0
+    except ExportError as e:
+        print(f"specreason-export: error: {e}", file=sys.stderr)
+        return 1
     try:
         from .bundle import ExportOptions, write_bundle
     except ImportError as e:
@@ -74,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     delimiter = args.step_delimiter.encode().decode("unicode_escape")  # let users type \n\n on a shell
     try:
         opts = ExportOptions(speculator=args.speculator, verifier=args.verifier, out=args.out,
-                             precision=args.precision, force=args.force, step_delimiter=delimiter,
+                             precision="fp32" if args.precision == "fp16" else args.precision, trt=trt_opts,
+                             force=args.force, step_delimiter=delimiter,
                              attention=args.attention,
                              decode_steps=args.decode_steps, max_logit_diff=args.max_logit_diff,
                              min_agreement=args.min_agreement, show_progress=not args.quiet,
@@ -92,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {role:<10} {entry.source['id']}: {entry.architecture.parameters / 1e6:.2f}M params, "
               f"max |logit diff| {v['max_abs_logit_diff']:.2e}, greedy agreement {v['greedy_agreement']:.0%}")
     print(f"  tokenizers shared: {'yes' if manifest.tokenizers_shared else 'no (text is handed across)'}")
+    _print_engines(manifest)
     return 0
 
 

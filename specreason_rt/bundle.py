@@ -8,11 +8,13 @@ from pathlib import Path
 from .errors import BundleError
 from .manifest import ROLES, Manifest, load_manifest
 from .model import RoleModel
+from .providers import ProviderConfig, ProviderSpec
 from .tokenizer import Tokenizer
 
 
 class Bundle:
-    def __init__(self, path: str | Path, *, roles: Sequence[str] = ROLES, providers: list[str] | None = None,
+    def __init__(self, path: str | Path, *, roles: Sequence[str] = ROLES,
+                 providers: Sequence[ProviderSpec] | ProviderConfig | None = None,
                  intra_op_threads: int = 0, kv_limit_bytes: int | None = None) -> None:
         self.path = Path(path)
         unknown = [r for r in roles if r not in ROLES]
@@ -24,5 +26,6 @@ class Bundle:
         for role in roles:
             entry = self.manifest.models[role]
             self.models[role] = RoleModel(bundle_dir=self.path, entry=entry, providers=providers,
-                                          intra_op_threads=intra_op_threads, kv_limit_bytes=kv_limit_bytes)
+                                          intra_op_threads=intra_op_threads, kv_limit_bytes=kv_limit_bytes,
+                                          engine_facts=self.manifest.engines.get(role))
             self.tokenizers[role] = Tokenizer(path=self.path / entry.tokenizer, generation=entry.generation)

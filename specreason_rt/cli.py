@@ -5,10 +5,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cli_reason import add_commands as add_reason_commands
 from .errors import ConfigError, SpecReasonError
 from .manifest import load_manifest
+
+if TYPE_CHECKING:
+    from .providers import ProviderConfig
+
+
+def add_provider_arguments(p: argparse.ArgumentParser) -> None:
+    """--provider and its options (specreason_rt/providers.py), for every command that runs a bundle."""
+    from .providers import PROVIDER_NAMES
+
+    p.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES,
+                   help="where the models run: cpu (default), cuda / tensorrt (ONNX Runtime execution providers, "
+                        "need onnxruntime-gpu), trt (the bundle's TensorRT engines, KV cache on the GPU; needs "
+                        "pip install 'specreason-rt[trt]' and engines from specreason-export --trt)")
+    p.add_argument("--device-id", type=int, default=0, metavar="N", help="GPU index for cuda/tensorrt/trt")
+    p.add_argument("--fp16", action="store_true", help="tensorrt provider: let TensorRT use fp16 kernels")
+    p.add_argument("--trt-cache", type=Path, default=None, metavar="DIR",
+                   help="tensorrt provider: engine and timing cache directory (default ~/.cache/specreason/trt-ep)")
+
+
+def provider_config(args: argparse.Namespace) -> ProviderConfig:
+    from .providers import ProviderConfig
+
+    return ProviderConfig(name=args.provider, device_id=args.device_id, fp16=args.fp16, cache_dir=args.trt_cache)
 
 
 def _file_sizes(bundle: str, files: dict[str, str]) -> dict[str, int]:
@@ -123,9 +148,7 @@ def _generate(args: argparse.Namespace) -> int:
     temperature = args.temperature if args.temperature is not None else (0.0 if args.branches == 1 else 0.7)
     params = SamplingParams(temperature=temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty)
-    from .engine import resolve_providers
-
-    bundle = Bundle(args.bundle, roles=[args.model], providers=resolve_providers(args.provider),
+    bundle = Bundle(args.bundle, roles=[args.model], providers=provider_config(args),
                     intra_op_threads=args.threads, kv_limit_bytes=int(args.kv_limit_mib * 2**20))
     model, tok = bundle.models[args.model], bundle.tokenizers[args.model]
     use_chat = not args.raw and model.generation.chat_template is not None
@@ -185,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     gen.add_argument("--kv-limit-mib", type=float, default=4096, metavar="MIB",
                      help="refuse requests whose KV cache would exceed this many MiB (default 4096)")
-    gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                     help="ONNX Runtime execution provider (default cpu; cuda/tensorrt need onnxruntime-gpu)")
+    add_provider_arguments(gen)
     gen.add_argument("--json", action="store_true", help="print tokens, text and log-probs as JSON")
     gen.set_defaults(func=_generate)
     add_reason_commands(sub)  # run, eval

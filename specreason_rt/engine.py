@@ -10,6 +10,7 @@ fetches it, so `step` costs what it costs on a graph without a head.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +19,16 @@ import onnxruntime as ort
 from .errors import BundleError, ConfigError
 from .kv_cache import KVCache
 from .manifest import ModelEntry
+from .providers import PROVIDERS, ProviderSpec, resolve_providers
 
-# CLI names -> ONNX Runtime execution providers. Later entries in a list are fallbacks for unsupported ops.
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-
-
-def resolve_providers(name: str) -> list[str]:
-    """Execution providers for a CLI/API name; refuse one this onnxruntime build lacks."""
-    if name not in PROVIDERS:
-        raise ConfigError(f"unknown provider {name!r}: choose one of {', '.join(PROVIDERS)}")
-    wanted = PROVIDERS[name][0]
-    if wanted not in ort.get_available_providers():
-        raise ConfigError(f"{wanted} is not available in this onnxruntime build "
-                          f"(available: {', '.join(ort.get_available_providers())}); "
-                          "install onnxruntime-gpu (pip install 'specreason-rt[gpu]') on an NVIDIA machine")
-    return PROVIDERS[name]
+__all__ = ["PROVIDERS", "OrtEngine", "resolve_providers"]  # the provider names moved to providers.py
 
 
 class OrtEngine:
     """Runs forwards of one bundle model. The manifest, not the graph, names every tensor."""
 
     def __init__(self, *, model_path: str | Path, layers: int, kv_names: dict[str, str], attention: str,
-                 expected_inputs: list[str] | None = None, providers: list[str] | None = None,
+                 expected_inputs: list[str] | None = None, providers: Sequence[ProviderSpec] | None = None,
                  intra_op_threads: int = 0) -> None:
         if attention not in ("plain", "gqa"):
             raise BundleError(f"{model_path}: unknown attention variant {attention!r}; re-export the bundle")
@@ -51,7 +36,7 @@ class OrtEngine:
         opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(model_path), opts,
-                                            providers=providers or ["CPUExecutionProvider"])
+                                            providers=list(providers or ["CPUExecutionProvider"]))
         if expected_inputs is not None:
             expected, actual = set(expected_inputs), {i.name for i in self.session.get_inputs()}
             if expected != actual:
@@ -71,7 +56,7 @@ class OrtEngine:
         self.has_value = "value" in {o.name for o in self.session.get_outputs()}
 
     @classmethod
-    def from_bundle(cls, *, bundle_dir: str | Path, entry: ModelEntry, providers: list[str] | None = None,
+    def from_bundle(cls, *, bundle_dir: str | Path, entry: ModelEntry, providers: Sequence[ProviderSpec] | None = None,
                     intra_op_threads: int = 0) -> OrtEngine:
         return cls(model_path=Path(bundle_dir) / entry.file, layers=entry.architecture.layers,
                    kv_names=entry.kv_cache, attention=entry.kv_cache.get("attention", "plain"),

@@ -18,6 +18,24 @@ guess. Top level:
     tools                    versions of the tools that wrote the bundle
     files                    {relative path: "sha256:<hex>"} for every file in the bundle but the manifest
     models                   {"speculator": ModelEntry, "verifier": ModelEntry}
+    engines                  optional (absent in bundles without TensorRT engines): {role: EngineFacts}
+
+EngineFacts (written by `specreason-export --trt`, see export/trt.py; terms in specreason_rt/trt_plan.py):
+
+    file                     relative path of the serialized TensorRT engine (e.g. speculator/model.engine)
+    onnx                     the bundle ONNX it was built from (always the plain-attention graph)
+    tensorrt_version         TensorRT that built it; an engine only loads in that exact version
+    compute_capability       "major.minor" of the GPU it was built on (8.7 Orin, 9.0 H100); engines are not
+                             portable across GPU architectures
+    device                   that GPU's name
+    precision                "fp32" | "fp16"
+    typing                   "weak" (TensorRT 10: fp16 via the builder flag) | "strong" (TensorRT 11: the network
+                             is built from an fp16 ONNX, its types are obeyed)
+    max_branches, max_prompt_tokens, max_step_tokens, max_context   the limits the profiles were built for
+    profiles                 [{name: "decode" | "verify" | "prefill", shapes: {input: {min, opt, max}}}], in the
+                             engine's profile order
+    timing_cache             relative path of the builder's timing cache (reused by the next build)
+    kv_dtype                 dtype of the past/new key and value tensors the engine takes and returns
 
 ModelEntry:
 
@@ -70,6 +88,7 @@ SCHEMA = "specreason-bundle"
 SCHEMA_VERSION = 1
 ROLES = ("speculator", "verifier")
 PRECISIONS = ("fp32", "int8", "int4")
+ENGINE_PRECISIONS = ("fp32", "fp16")  # TensorRT engines (the ONNX beside them stays fp32)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -129,6 +148,34 @@ class ModelEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class EngineFacts:
+    file: str
+    onnx: str
+    tensorrt_version: str
+    compute_capability: str
+    device: str
+    precision: str
+    typing: str
+    max_branches: int
+    max_prompt_tokens: int
+    max_step_tokens: int
+    max_context: int
+    profiles: list[dict[str, Any]]
+    timing_cache: str
+    kv_dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> EngineFacts:
+        facts = EngineFacts(**data)
+        if facts.precision not in ENGINE_PRECISIONS:
+            raise TypeError(f"engine precision {facts.precision!r} is not one of {ENGINE_PRECISIONS}")
+        return facts
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     created: str
     precision: str
@@ -136,6 +183,7 @@ class Manifest:
     tools: dict[str, str]
     files: dict[str, str]
     models: dict[str, ModelEntry]
+    engines: dict[str, EngineFacts] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -147,6 +195,7 @@ class Manifest:
             "tools": self.tools,
             "files": self.files,
             "models": {role: entry.to_json() for role, entry in self.models.items()},
+            **({"engines": {role: f.to_json() for role, f in self.engines.items()}} if self.engines else {}),
         }
 
 
@@ -186,12 +235,17 @@ def load_manifest(bundle_dir: str | Path, *, check_hashes: bool = True) -> Manif
             tools=dict(data["tools"]),
             files=dict(data["files"]),
             models=models,
+            engines={role: EngineFacts.from_json(f) for role, f in data.get("engines", {}).items()},
         )
     except (KeyError, TypeError) as e:
         raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle") from e
     missing_roles = [r for r in ROLES if r not in models]
     if missing_roles:
         raise BundleError(f"{path}: no entry for {', '.join(missing_roles)}")
+    for role, facts in manifest.engines.items():
+        if role not in models or facts.file not in manifest.files:
+            raise BundleError(f"{path}: the engine for {role!r} ({facts.file}) has no model entry or no file hash; "
+                              "rebuild the engines with specreason-export --engines-only")
     for rel, digest in manifest.files.items():
         f = bundle / rel
         if not f.is_file():

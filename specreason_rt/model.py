@@ -11,6 +11,7 @@ Terms (used across the runtime):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, overload
 
@@ -19,18 +20,28 @@ import numpy as np
 from .engine import OrtEngine
 from .errors import BundleError, ConfigError
 from .kv_cache import KVCache
-from .manifest import ModelEntry
+from .manifest import EngineFacts, ModelEntry
+from .providers import ProviderConfig, ProviderSpec
+from .trt_engine import TrtEngine
 
 
 class RoleModel:
-    def __init__(self, *, bundle_dir: str | Path, entry: ModelEntry, providers: list[str] | None = None,
-                 intra_op_threads: int = 0, kv_limit_bytes: int | None = None) -> None:
+    def __init__(self, *, bundle_dir: str | Path, entry: ModelEntry,
+                 providers: Sequence[ProviderSpec] | ProviderConfig | None = None, intra_op_threads: int = 0,
+                 kv_limit_bytes: int | None = None, engine_facts: EngineFacts | None = None) -> None:
         self.entry = entry
         self.kv_limit_bytes = kv_limit_bytes
         self.arch = entry.architecture
         self.generation = entry.generation
-        self.engine = OrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, providers=providers,
-                                            intra_op_threads=intra_op_threads)
+        self.engine: OrtEngine | TrtEngine
+        if isinstance(providers, ProviderConfig) and providers.native_trt:
+            # The native TensorRT backend: the bundle's prebuilt engine, KV cache on the GPU (providers.py).
+            self.engine = TrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, facts=engine_facts,
+                                                device_id=providers.device_id)
+        else:
+            specs = providers.ort_providers(entry=entry) if isinstance(providers, ProviderConfig) else providers
+            self.engine = OrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, providers=specs,
+                                                intra_op_threads=intra_op_threads)
         if isinstance(self.engine, OrtEngine) and (entry.value_head is not None) != self.engine.has_value:
             raise BundleError(f"{entry.file}: the manifest {'lists' if entry.value_head else 'has no'} value head but "
                               f"the graph {'lacks' if entry.value_head else 'has'} the output `value`; "
@@ -42,6 +53,8 @@ class RoleModel:
         return isinstance(self.engine, OrtEngine) and self.engine.has_value
 
     def new_cache(self, *, branches: int = 1, capacity: int = 256) -> KVCache:
+        if isinstance(self.engine, TrtEngine):
+            return self.engine.new_cache(branches=branches, capacity=capacity, max_bytes=self.kv_limit_bytes)
         return KVCache(layers=self.arch.layers, kv_heads=self.arch.kv_heads, head_dim=self.arch.head_dim,
                        branches=branches, max_context=self.arch.max_context, capacity=capacity,
                        max_bytes=self.kv_limit_bytes)

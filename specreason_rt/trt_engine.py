@@ -1,0 +1,295 @@
+"""The native TensorRT backend: a bundle's prebuilt engine driven through the TensorRT Python API.
+
+Same interface as engine.OrtEngine (`step(*, cache, input_ids, n_new, logits_index) -> logits [branches, k,
+vocab]`, `ort_seconds`), written to the TensorRT 10.x API (10.3 is JetPack 6.2's) and the parts of it TensorRT 11
+keeps: `deserialize_cuda_engine`, `set_optimization_profile_async`, `set_input_shape`, `set_tensor_address`,
+`execute_async_v3`. Device memory and copies go through cuda-python's runtime bindings (`cuda.bindings.runtime`,
+or `cuda.cudart` on cuda-python 12 releases before it); no PyTorch. tensorrt and cuda-python are imported only
+when an engine is opened, with one clear message when they are missing.
+
+One step:
+  1. host inputs (ids, positions, mask, logits_index; a few KB) are packed into one array: one copy to the device;
+  2. the device KV cache's buffers are bound as past_key/past_value as they are ([branches, kv_heads, capacity,
+     head_dim]; holes masked out): no cache copy;
+  3. the graph writes the new tokens' keys/values into a staging buffer; one 3D device copy per growing branch
+     appends them in place (trt_kv.DeviceKVCache.append_from);
+  4. only the logits rows asked for in logits_index are copied to the host.
+The profile (decode / verify / prefill) is chosen per call from the shapes; switching costs one async call.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError, ConfigError, SpecReasonError
+from .kv_cache import KVCache
+from .manifest import EngineFacts, ModelEntry
+from .trt_kv import DeviceKVCache
+from .trt_plan import (
+    Copy3D,
+    EngineLimits,
+    Profile,
+    check_engine_compatible,
+    select_profile,
+    step_dims,
+    step_mask_positions,
+)
+
+TRT_INSTALL_HINT = ("pip install 'specreason-rt[trt]' (TensorRT and cuda-python wheels; on Jetson, TensorRT comes "
+                    "with JetPack: see runtime/README.md)")
+ALIGN = 256  # bytes: CUDA allocations are 256-aligned; keep packed tensors so as well
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise ConfigError(f"the trt backend needs the tensorrt Python package, which is not installed: "
+                          f"{TRT_INSTALL_HINT}") from e
+    return tensorrt
+
+
+def import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime  # cuda-python >= 12.6.1, and the only path in 13
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # earlier cuda-python 12 releases
+        except ImportError as e:
+            raise ConfigError(f"the trt backend needs cuda-python, which is not installed: {TRT_INSTALL_HINT}") from e
+    return runtime
+
+
+class CudaMemory:
+    """Device allocations and copies on one stream (the engine's), through cuda-python."""
+
+    def __init__(self, *, cudart: Any, stream: Any) -> None:
+        self.cudart = cudart
+        self.stream = stream
+
+    def check(self, result: tuple[Any, ...]) -> Any:
+        err, *rest = result
+        if err != self.cudart.cudaError_t.cudaSuccess:
+            _, name = self.cudart.cudaGetErrorName(err)
+            _, text = self.cudart.cudaGetErrorString(err)
+            raise SpecReasonError(f"CUDA error {name.decode()}: {text.decode()}")
+        return rest[0] if len(rest) == 1 else (tuple(rest) or None)
+
+    def alloc(self, nbytes: int) -> int:
+        return int(self.check(self.cudart.cudaMalloc(max(nbytes, 1))))
+
+    def free(self, address: int) -> None:
+        self.check(self.cudart.cudaFree(address))
+
+    def zero(self, address: int, nbytes: int) -> None:
+        self.check(self.cudart.cudaMemsetAsync(address, 0, nbytes, self.stream))
+
+    def copy3d(self, *, src: int, dst: int, copy: Copy3D) -> None:
+        rt = self.cudart
+        p = rt.cudaMemcpy3DParms()
+        p.srcPtr = rt.make_cudaPitchedPtr(src, copy.src_pitch, copy.src_pitch, copy.src_rows)
+        p.srcPos = rt.make_cudaPos(*copy.src_pos)
+        p.dstPtr = rt.make_cudaPitchedPtr(dst, copy.dst_pitch, copy.dst_pitch, copy.dst_rows)
+        p.dstPos = rt.make_cudaPos(*copy.dst_pos)
+        p.extent = rt.make_cudaExtent(*copy.extent)
+        p.kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self.check(rt.cudaMemcpy3DAsync(p, self.stream))
+
+    def to_device(self, address: int, host: np.ndarray) -> None:
+        self.check(self.cudart.cudaMemcpyAsync(address, host.ctypes.data, host.nbytes,
+                                               self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+
+    def to_host(self, host: np.ndarray, address: int) -> None:
+        self.check(self.cudart.cudaMemcpyAsync(host.ctypes.data, address, host.nbytes,
+                                               self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+
+    def sync(self) -> None:
+        self.check(self.cudart.cudaStreamSynchronize(self.stream))
+
+
+class _Scratch:
+    """A device buffer that grows (doubling) and is reused across steps: no allocation in the hot loop."""
+
+    def __init__(self, memory: CudaMemory) -> None:
+        self.memory, self.address, self.nbytes = memory, 0, 0
+
+    def ensure(self, nbytes: int) -> int:
+        if nbytes > self.nbytes:
+            if self.address:
+                self.memory.free(self.address)
+            self.nbytes = max(nbytes, 2 * self.nbytes)
+            self.address = self.memory.alloc(self.nbytes)
+        return self.address
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+def device_facts(*, cudart: Any, device_id: int) -> tuple[str, str]:
+    """(compute capability "major.minor", name) of a GPU."""
+    memory = CudaMemory(cudart=cudart, stream=0)
+    props = memory.check(cudart.cudaGetDeviceProperties(device_id))
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return f"{props.major}.{props.minor}", name.rstrip("\x00")
+
+
+class TrtEngine:
+    """Runs one bundle model's TensorRT engine; the manifest names every tensor and records every profile."""
+
+    def __init__(self, *, bundle_dir: str | Path, entry: ModelEntry, facts: EngineFacts, device_id: int = 0) -> None:
+        trt, cudart = import_tensorrt(), import_cudart()
+        self.trt, self.cudart = trt, cudart
+        self.facts, self.entry = facts, entry
+        probe = CudaMemory(cudart=cudart, stream=0)
+        probe.check(cudart.cudaSetDevice(device_id))
+        capability, _ = device_facts(cudart=cudart, device_id=device_id)
+        # Refuse before deserializing: TensorRT's own failure is a logged error and a None.
+        check_engine_compatible(engine_file=facts.file, built_trt=facts.tensorrt_version,
+                                built_cc=facts.compute_capability, runtime_trt=trt.__version__,
+                                runtime_cc=capability)
+        self.stream = probe.check(cudart.cudaStreamCreate())
+        self.stream_handle = int(self.stream)
+        self.memory = CudaMemory(cudart=cudart, stream=self.stream)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine((Path(bundle_dir) / facts.file).read_bytes())
+        if self.engine is None:
+            raise BundleError(f"{facts.file}: TensorRT {trt.__version__} could not deserialize the engine (see its log "
+                              "above); rebuild it on this machine with `specreason-export --engines-only --out BUNDLE`")
+        self.context = self.engine.create_execution_context()
+        self.inputs: list[dict[str, Any]] = entry.io["inputs"]
+        self.layers = entry.architecture.layers
+        self.kv_heads, self.head_dim = entry.architecture.kv_heads, entry.architecture.head_dim
+        self.vocab = entry.architecture.vocab_size
+        names = entry.kv_cache
+        self.past_key_names = [names["past_key"].format(i) for i in range(self.layers)]
+        self.past_value_names = [names["past_value"].format(i) for i in range(self.layers)]
+        self.new_key_names = [names["new_key"].format(i) for i in range(self.layers)]
+        self.new_value_names = [names["new_value"].format(i) for i in range(self.layers)]
+        self._check_io()
+        # Outputs the runtime does not read yet (a value head's `value`) still need an address: scratch buffers.
+        known = {"logits", *self.new_key_names, *self.new_value_names}
+        self._extra = {t["name"]: _Scratch(self.memory) for t in entry.io["outputs"] if t["name"] not in known}
+        self.profiles = [Profile.from_json(p) for p in facts.profiles]
+        if len(self.profiles) != self.engine.num_optimization_profiles:
+            raise BundleError(f"{facts.file}: the manifest records {len(self.profiles)} profiles, the engine has "
+                              f"{self.engine.num_optimization_profiles}; rebuild the engines")
+        self.limits = EngineLimits(max_branches=facts.max_branches, max_prompt_tokens=facts.max_prompt_tokens,
+                                   max_step_tokens=facts.max_step_tokens, max_context=facts.max_context)
+        self.kv_itemsize = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.past_key_names[0]))).itemsize
+        self._inputs = _Scratch(self.memory)
+        self._new_kv = _Scratch(self.memory)
+        self._logits = _Scratch(self.memory)
+        self._profile = -1
+        self.ort_seconds = 0.0  # wall time inside TensorRT execution and the logits copy (same name as OrtEngine)
+
+    @classmethod
+    def from_bundle(cls, *, bundle_dir: str | Path, entry: ModelEntry, facts: EngineFacts | None,
+                    device_id: int = 0) -> TrtEngine:
+        import_tensorrt(), import_cudart()  # a missing package is the first thing to fix
+        if facts is None:
+            raise BundleError(f"the bundle has no TensorRT engine for {entry.role}: build them with "
+                              "`specreason-export --engines-only --out BUNDLE` on the GPU machine")
+        return cls(bundle_dir=bundle_dir, entry=entry, facts=facts, device_id=device_id)
+
+    def _check_io(self) -> None:
+        trt = self.trt
+        actual = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            actual[name] = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        expected = {t["name"]: True for t in self.inputs}
+        expected.update({t["name"]: False for t in self.entry.io["outputs"]})
+        if actual != expected:
+            raise BundleError(f"{self.facts.file}: engine tensors {sorted(set(actual) ^ set(expected))} differ from "
+                              "the manifest's IO; rebuild the engines from this bundle's ONNX")
+        for name in ("input_ids", "position_ids", "attention_mask", "logits_index"):
+            if self.engine.get_tensor_dtype(name) != trt.DataType.INT64:
+                raise BundleError(f"{self.facts.file}: input {name} is not int64 in the engine; rebuild the engines")
+        if self.engine.get_tensor_dtype("logits") != trt.DataType.FLOAT:
+            raise BundleError(f"{self.facts.file}: logits are not float32 in the engine; rebuild the engines")
+
+    def new_cache(self, *, branches: int, capacity: int, max_bytes: int | None) -> DeviceKVCache:
+        """A KV cache on this engine's GPU, limited to the context the engine's profiles cover."""
+        if branches > self.limits.max_branches:
+            raise ConfigError(f"{branches} branches exceed the engine's max_branches ({self.limits.max_branches}); "
+                              "use fewer or rebuild the engines with a larger --max-branches")
+        return DeviceKVCache(memory=self.memory, layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                             branches=branches, max_context=self.limits.max_context, capacity=capacity,
+                             itemsize=self.kv_itemsize, max_bytes=max_bytes)
+
+    def step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
+             ) -> np.ndarray:
+        """Append the first n_new[b] tokens of input_ids[b] to branch b; return logits [branches, k, vocab].
+
+        input_ids: [branches, new] right-padded; n_new: [branches] (0 leaves a branch unchanged);
+        logits_index: [branches, k] positions (< new) whose logits are wanted.
+        """
+        if not isinstance(cache, DeviceKVCache):
+            raise ConfigError("the trt backend runs on its device KV cache: create caches with RoleModel.new_cache "
+                              "(or TrtEngine.new_cache), not KVCache")
+        branches, new = input_ids.shape
+        k = logits_index.shape[1]
+        cache.reserve(int((cache.lengths + n_new).max()))  # the capacity is the past the graph sees: fix it first
+        past = cache.capacity
+        dims = step_dims(inputs=self.inputs, branches=branches, new_tokens=new, past_tokens=past, logit_positions=k)
+        profile = select_profile(self.profiles, dims, limits=self.limits)
+        ctx = self.context
+        if profile != self._profile:
+            if not ctx.set_optimization_profile_async(profile, self.stream_handle):
+                name = self.profiles[profile].name
+                raise SpecReasonError(f"TensorRT refused optimization profile {profile} ({name})")
+            self._profile = profile
+
+        # 1. Host inputs, packed back to back (256-byte aligned): one copy to the device.
+        mask, positions = step_mask_positions(lengths=cache.lengths, n_new=n_new, past=past, new_tokens=new)
+        host = {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask,
+                "logits_index": logits_index}
+        offsets, total = {}, 0
+        for name, array in host.items():
+            offsets[name] = total
+            total += _aligned(array.size * 8)
+        packed = np.zeros(total // 8, np.int64)
+        for name, array in host.items():
+            packed[offsets[name] // 8: offsets[name] // 8 + array.size] = np.asarray(array, np.int64).ravel()
+        base = self._inputs.ensure(total)
+        self.memory.to_device(base, packed)
+        for name, array in host.items():
+            ctx.set_input_shape(name, tuple(array.shape))
+            ctx.set_tensor_address(name, base + offsets[name])
+
+        # 2. The cache buffers are the past, as they are.
+        past_shape = (branches, self.kv_heads, past, self.head_dim)
+        for i in range(self.layers):
+            ctx.set_input_shape(self.past_key_names[i], past_shape)
+            ctx.set_tensor_address(self.past_key_names[i], cache.key_address(i))
+            ctx.set_input_shape(self.past_value_names[i], past_shape)
+            ctx.set_tensor_address(self.past_value_names[i], cache.value_address(i))
+
+        # 3. Outputs: new keys/values back to back in (layer, keys|values) order, as append_copies expects.
+        slice_bytes = branches * self.kv_heads * new * self.head_dim * self.kv_itemsize
+        staging = self._new_kv.ensure(2 * self.layers * slice_bytes)
+        for i in range(self.layers):
+            ctx.set_tensor_address(self.new_key_names[i], staging + 2 * i * slice_bytes)
+            ctx.set_tensor_address(self.new_value_names[i], staging + (2 * i + 1) * slice_bytes)
+        logits = np.empty((branches, k, self.vocab), np.float32)
+        ctx.set_tensor_address("logits", self._logits.ensure(logits.nbytes))
+        for name, scratch in self._extra.items():
+            shape = tuple(ctx.get_tensor_shape(name))
+            itemsize = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))).itemsize
+            ctx.set_tensor_address(name, scratch.ensure(int(np.prod(shape)) * itemsize))
+
+        start = time.perf_counter()
+        if not ctx.execute_async_v3(self.stream_handle):
+            raise SpecReasonError(f"TensorRT execution of {self.facts.file} failed (see its log above)")
+        # 4. Append in place on the device; only the requested logits rows cross to the host.
+        cache.append_from(staging=staging, new_tokens=new, n_new=n_new)
+        self.memory.to_host(logits, self._logits.address)
+        self.memory.sync()
+        self.ort_seconds += time.perf_counter() - start
+        return logits

@@ -1,0 +1,408 @@
+"""The TensorRT path's pure logic, on CPU: profiles, the portability refusal, manifest engine facts, the device KV
+cache's copy plans (executed on numpy), the capacity-as-past step, and the parser support check of the graphs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from specreason_export.trt import onnx_op_problems, to_fp16_onnx
+from specreason_export.trt_onnx_support import ONNX_TYPE_NAMES, SOURCE, SUPPORTED
+from specreason_rt.engine import OrtEngine
+from specreason_rt.errors import BundleError, CacheLimitError, ConfigError
+from specreason_rt.kv_cache import KVCache
+from specreason_rt.manifest import load_manifest, sha256_file
+from specreason_rt.trt_kv import DeviceKVCache
+from specreason_rt.trt_plan import (
+    REGIMES,
+    Copy3D,
+    EngineLimits,
+    check_engine_compatible,
+    plan_profiles,
+    select_profile,
+    step_dims,
+    step_mask_positions,
+)
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+LIMITS = EngineLimits(max_branches=8, max_prompt_tokens=64, max_step_tokens=16, max_context=128)
+
+
+def plain_inputs(bundle: Path) -> list[dict]:
+    return load_manifest(bundle).models["verifier"].io["inputs"]
+
+
+# ---- profiles -------------------------------------------------------------------------------------------------
+
+
+def test_one_profile_per_regime_covers_every_input(tiny_plain_bundle: Path) -> None:
+    inputs = plain_inputs(tiny_plain_bundle)
+    profiles = plan_profiles(limits=LIMITS, inputs=inputs)
+    assert [p.name for p in profiles] == list(REGIMES) == ["decode", "verify", "prefill"]
+    names = {t["name"] for t in inputs}
+    decode, verify, prefill = profiles
+    for p in profiles:
+        assert set(p.shapes) == names
+    # decode: one new token, branches 1..8 tuned at 8, past (the cache capacity) 1..128.
+    assert decode.shapes["input_ids"] == ((1, 1), (8, 1), (8, 1))
+    assert decode.shapes["logits_index"] == ((1, 1), (8, 1), (8, 1))
+    assert decode.shapes["attention_mask"] == ((1, 2), (8, 65), (8, 129))
+    assert decode.shapes["past_key.0"] == ((1, 2, 1, 16), (8, 2, 64, 16), (8, 2, 128, 16))
+    # verify: a step of up to 16 tokens, logits at every one of them.
+    assert verify.shapes["input_ids"] == ((1, 1), (8, 16), (8, 16))
+    assert verify.shapes["logits_index"] == ((1, 1), (8, 16), (8, 16))
+    # prefill: one prompt of up to 64 tokens, tuned for a single branch (it is forked afterwards).
+    assert prefill.shapes["position_ids"] == ((1, 1), (1, 64), (8, 64))
+    assert prefill.shapes["logits_index"] == ((1, 1), (1, 1), (8, 16))
+    assert prefill.shapes["attention_mask"][2] == (8, 128 + 64)
+
+
+def test_profiles_for_the_tensorrt_ep_start_past_at_zero(tiny_plain_bundle: Path) -> None:
+    profiles = plan_profiles(limits=LIMITS, inputs=plain_inputs(tiny_plain_bundle), min_past=0)
+    assert all(p.shapes["past_value.1"][0] == (1, 2, 0, 16) for p in profiles)
+    assert all(p.shapes["attention_mask"][0] == (1, 1) for p in profiles)
+
+
+def test_profiles_refuse_a_gqa_graph(tiny_bundle: Path) -> None:
+    with pytest.raises(BundleError, match="plain-attention bundle"):
+        plan_profiles(limits=LIMITS, inputs=plain_inputs(tiny_bundle))
+
+
+def test_calls_pick_the_first_profile_that_holds_them(tiny_plain_bundle: Path) -> None:
+    inputs = plain_inputs(tiny_plain_bundle)
+    profiles = plan_profiles(limits=LIMITS, inputs=inputs)
+
+    def pick(branches: int, new: int, past: int, k: int) -> str:
+        dims = step_dims(inputs=inputs, branches=branches, new_tokens=new, past_tokens=past, logit_positions=k)
+        return profiles[select_profile(profiles, dims, limits=LIMITS)].name
+
+    assert pick(8, 1, 128, 1) == "decode"
+    assert pick(3, 7, 40, 7) == "verify"
+    assert pick(1, 16, 64, 16) == "verify"
+    assert pick(1, 17, 64, 1) == "prefill"
+    assert pick(8, 64, 128, 16) == "prefill"
+    for branches, new, past, k, limit in ((9, 1, 64, 1, "--max-branches"), (1, 65, 64, 1, "--max-prompt-tokens"),
+                                          (1, 1, 129, 1, "--trt-max-context"), (1, 40, 64, 40, "logit positions")):
+        with pytest.raises(ConfigError, match="outside the engine's profiles") as e:
+            pick(branches, new, past, k)
+        assert limit in str(e.value)
+
+
+def test_limits_are_validated_and_clamped_to_the_model() -> None:
+    with pytest.raises(ConfigError, match="max_step_tokens"):
+        EngineLimits(max_prompt_tokens=16, max_step_tokens=32)
+    with pytest.raises(ConfigError, match="max_branches"):
+        EngineLimits(max_branches=0)
+    with pytest.raises(ConfigError, match="below max_context"):
+        EngineLimits(max_prompt_tokens=512, max_context=512)
+    clamped = EngineLimits(max_prompt_tokens=512, max_step_tokens=128, max_context=2048).clamp_context(128)
+    assert clamped == EngineLimits(max_branches=8, max_prompt_tokens=127, max_step_tokens=127, max_context=128)
+
+
+# ---- the portability refusal ----------------------------------------------------------------------------------
+
+
+def test_an_engine_from_another_tensorrt_or_gpu_is_refused_with_one_message() -> None:
+    check_engine_compatible(engine_file="verifier/model.engine", built_trt="10.3.0", built_cc="8.7",
+                            runtime_trt="10.3.0", runtime_cc="8.7")
+    with pytest.raises(BundleError) as e:
+        check_engine_compatible(engine_file="verifier/model.engine", built_trt="10.3.0", built_cc="8.7",
+                                runtime_trt="10.13.3", runtime_cc="9.0")
+    message = str(e.value)
+    assert message.startswith("verifier/model.engine: TensorRT 10.3.0 built it, this machine has TensorRT 10.13.3; "
+                              "it targets compute capability 8.7, this GPU is 9.0.")
+    assert "not portable" in message and "rebuild" in message and "--engines-only" in message
+    with pytest.raises(BundleError, match="compute capability 8.7, this GPU is 8.6"):
+        check_engine_compatible(engine_file="e", built_trt="10.3.0", built_cc="8.7", runtime_trt="10.3.0",
+                                runtime_cc="8.6")
+
+
+# ---- manifest engine facts ------------------------------------------------------------------------------------
+
+
+def engine_facts(bundle: Path, role: str) -> dict:
+    inputs = json.loads((bundle / "manifest.json").read_text())["models"][role]["io"]["inputs"]
+    return {"file": f"{role}/model.engine", "onnx": f"{role}/model.onnx", "tensorrt_version": "10.3.0",
+            "compute_capability": "8.7", "device": "Orin", "precision": "fp16", "typing": "weak",
+            "max_branches": 8, "max_prompt_tokens": 64, "max_step_tokens": 16, "max_context": 128,
+            "profiles": [p.to_json() for p in plan_profiles(limits=LIMITS, inputs=inputs)],
+            "timing_cache": "trt/timing.cache", "kv_dtype": "float32"}
+
+
+@pytest.fixture()
+def plain_copy(tmp_path: Path, tiny_plain_bundle: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_plain_bundle, dst)
+    return dst
+
+
+def add_engines(bundle: Path, *, precision: str = "fp16", list_files: bool = True) -> None:
+    """Write the engines section a --trt export writes; the engine files are placeholders, since nothing here
+    opens them (load_manifest only checks that they exist and match their hashes)."""
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data["engines"] = {}
+    for role in ("speculator", "verifier"):
+        (bundle / role / "model.engine").write_bytes(role.encode())
+        data["engines"][role] = {**engine_facts(bundle, role), "precision": precision}
+        data["files"].pop(f"{role}/model.engine", None)
+        if list_files:
+            data["files"][f"{role}/model.engine"] = sha256_file(bundle / role / "model.engine")
+    path.write_text(json.dumps(data))
+
+
+def test_bundles_without_engines_load_and_write_no_engines_key(tiny_plain_bundle: Path) -> None:
+    manifest = load_manifest(tiny_plain_bundle)
+    assert manifest.engines == {}
+    assert "engines" not in manifest.to_json()
+    assert "engines" not in json.loads((tiny_plain_bundle / "manifest.json").read_text())
+
+
+def test_engine_facts_round_trip_through_the_manifest(plain_copy: Path) -> None:
+    add_engines(plain_copy)
+    manifest = load_manifest(plain_copy)
+    facts = manifest.engines["verifier"]
+    assert (facts.tensorrt_version, facts.compute_capability, facts.precision) == ("10.3.0", "8.7", "fp16")
+    assert (facts.max_branches, facts.max_context) == (8, 128)
+    assert [p["name"] for p in facts.profiles] == ["decode", "verify", "prefill"]
+    assert manifest.to_json()["engines"]["verifier"] == engine_facts(plain_copy, "verifier")
+
+
+def test_bad_engine_facts_are_refused(plain_copy: Path) -> None:
+    add_engines(plain_copy, precision="int8")
+    with pytest.raises(BundleError, match="malformed manifest.*engine precision 'int8'"):
+        load_manifest(plain_copy)
+    add_engines(plain_copy, list_files=False)
+    with pytest.raises(BundleError, match="no file hash"):
+        load_manifest(plain_copy)
+
+
+# ---- the device KV cache, its copies executed on numpy ---------------------------------------------------------
+
+
+class NumpyMemory:
+    """Host bytes standing in for device memory; copy3d follows cudaMemcpy3D's documented addressing for pitched
+    linear memory: byte (x, y, z) of a region is base + ((pos.z + z) * rows + pos.y + y) * pitch + pos.x + x."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, np.ndarray] = {}
+        self.next = 256
+
+    def alloc(self, nbytes: int) -> int:
+        address = self.next
+        self.buffers[address] = np.full(nbytes, 0xAB, np.uint8)  # garbage until zeroed, as cudaMalloc gives
+        self.next += nbytes + 256
+        return address
+
+    def free(self, address: int) -> None:
+        del self.buffers[address]
+
+    def zero(self, address: int, nbytes: int) -> None:
+        self.buffers[address][:nbytes] = 0
+
+    def copy3d(self, *, src: int, dst: int, copy: Copy3D) -> None:
+        s, d = self.buffers[src], self.buffers[dst]
+        width, height, depth = copy.extent
+        for z in range(depth):
+            for y in range(height):
+                so = ((copy.src_pos[2] + z) * copy.src_rows + copy.src_pos[1] + y) * copy.src_pitch + copy.src_pos[0]
+                do = ((copy.dst_pos[2] + z) * copy.dst_rows + copy.dst_pos[1] + y) * copy.dst_pitch + copy.dst_pos[0]
+                assert so + width <= s.size and do + width <= d.size, "copy out of bounds"
+                d[do:do + width] = s[so:so + width]
+
+    def put(self, array: np.ndarray) -> int:
+        address = self.alloc(array.nbytes)
+        self.buffers[address][:] = np.frombuffer(array.tobytes(), np.uint8)
+        return address
+
+
+def device_view(memory: NumpyMemory, cache: DeviceKVCache) -> np.ndarray:
+    """[layers, 2, branches, kv_heads, capacity, head_dim] float32 view of the cache's buffer."""
+    shape = (cache.layers, 2, cache.branches, cache.kv_heads, cache.capacity, cache.head_dim)
+    return memory.buffers[cache.address][:int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
+
+
+def assert_same_cache(memory: NumpyMemory, device: DeviceKVCache, host: KVCache) -> None:
+    assert np.array_equal(device.lengths, host.lengths)
+    view = device_view(memory, device)
+    for b, n in enumerate(host.lengths):
+        for layer in range(host.layers):
+            assert np.array_equal(view[layer, 0, b, :, :n], host.keys[layer][b, :, :n])
+            assert np.array_equal(view[layer, 1, b, :, :n], host.values[layer][b, :, :n])
+
+
+def test_device_cache_matches_the_host_cache_through_every_operation() -> None:
+    rng = np.random.default_rng(0)
+    layers, kv_heads, head_dim = 3, 2, 4
+    memory = NumpyMemory()
+    host = KVCache(layers=layers, kv_heads=kv_heads, head_dim=head_dim, branches=1, max_context=64, capacity=4)
+    device = DeviceKVCache(memory=memory, layers=layers, kv_heads=kv_heads, head_dim=head_dim, branches=1,
+                           max_context=64, capacity=4)
+
+    def append(n_new: list[int]) -> None:
+        n = np.array(n_new, np.int64)
+        new = max(int(n.max()), 1)
+        keys = [rng.standard_normal((host.branches, kv_heads, new, head_dim)).astype(np.float32) for _ in range(layers)]
+        values = [rng.standard_normal(k.shape).astype(np.float32) for k in keys]
+        # The engine's staging layout: new_key.{i}, new_value.{i} back to back, (layer, keys|values) order.
+        staging = memory.put(np.stack([x for pair in zip(keys, values, strict=True) for x in pair]))
+        host.append(keys, values, n)
+        device.append_from(staging=staging, new_tokens=new, n_new=n)
+        memory.free(staging)
+        assert_same_cache(memory, device, host)
+
+    append([5])  # prefill a prompt past the initial capacity: grows 4 -> 8
+    assert device.capacity == host.capacity == 8
+    host.fork(4)
+    device.fork(4)
+    assert_same_cache(memory, device, host)
+    append([1, 1, 0, 1])  # decode, one branch finished
+    append([3, 0, 2, 1])  # ragged verify: 9 tokens, grows again
+    assert device.capacity == 16
+    host.rewind(0, 6)
+    device.rewind(0, 6)
+    append([2, 1, 1, 1])  # the rewound branch is overwritten from slot 6
+    host.gather([3, 0, 0])
+    device.gather([3, 0, 0])
+    assert_same_cache(memory, device, host)
+    append([1, 4, 1])
+    assert len(memory.buffers) == 1, "old buffers are freed"
+    device.close()
+    assert memory.buffers == {}
+
+
+def test_device_cache_keeps_the_host_limits() -> None:
+    memory = NumpyMemory()
+    cache = DeviceKVCache(memory=memory, layers=1, kv_heads=1, head_dim=4, branches=2, max_context=16, capacity=4,
+                          max_bytes=2 * 16 * 2 * 4 * 4)
+    with pytest.raises(CacheLimitError, match="max context is 16.*--trt-max-context"):
+        cache.reserve(17)
+    cache.reserve(16)
+    with pytest.raises(CacheLimitError, match="over the limit"):
+        cache.gather([0, 1, 1])
+    with pytest.raises(ConfigError, match="no host arrays"):
+        cache.step_inputs(np.ones(2, np.int64), 1)
+
+
+def test_feeding_the_whole_capacity_as_past_gives_the_same_logits(tiny_plain_bundle: Path) -> None:
+    """The native backend binds the cache buffer itself (capacity slots, holes masked) instead of copying out the
+    longest branch's slots: check on ONNX Runtime CPU that the plain graph gives the same logits that way."""
+    entry = load_manifest(tiny_plain_bundle).models["verifier"]
+    engine = OrtEngine.from_bundle(bundle_dir=tiny_plain_bundle, entry=entry)
+    arch = entry.architecture
+    cache = KVCache(layers=arch.layers, kv_heads=arch.kv_heads, head_dim=arch.head_dim, branches=3,
+                    max_context=arch.max_context, capacity=32)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, arch.vocab_size, size=(3, 6))
+    n_new = np.array([6, 2, 4])
+    engine.step(cache=cache, input_ids=ids, n_new=n_new, logits_index=np.maximum(n_new - 1, 0)[:, None])
+    for new, n in ((1, np.array([1, 1, 0])), (3, np.array([3, 1, 2]))):
+        step_ids = rng.integers(3, arch.vocab_size, size=(3, new))
+        index = np.tile(np.arange(new), (3, 1))
+        mask, positions = step_mask_positions(lengths=cache.lengths, n_new=n, past=cache.capacity, new_tokens=new)
+        via_capacity, _, _ = engine.forward(input_ids=step_ids, position_ids=positions, attention_mask=mask,
+                                            logits_index=index, past_keys=cache.keys, past_values=cache.values)
+        expected = engine.step(cache=cache, input_ids=step_ids, n_new=n, logits_index=index)
+        for b in range(3):
+            assert np.allclose(via_capacity[b, :n[b]], expected[b, :n[b]], atol=1e-5)
+
+
+# ---- the TensorRT ONNX parser support check ------------------------------------------------------------------
+
+
+def test_the_pinned_support_matrix_names_its_source() -> None:
+    assert "onnx/onnx-tensorrt" in SOURCE and "10.1" in SOURCE
+    known = set(ONNX_TYPE_NAMES.values()) | {"FP8", "INT4"}
+    assert all(set(types) <= known for types in SUPPORTED.values())
+    assert "GroupQueryAttention" not in SUPPORTED and "MatMulInteger" not in SUPPORTED
+
+
+def test_plain_graphs_use_only_what_the_tensorrt_parser_supports(tiny_plain_bundle: Path, tmp_path: Path) -> None:
+    for role in ("speculator", "verifier"):
+        path = tiny_plain_bundle / role / "model.onnx"
+        assert onnx_op_problems(onnx.load(str(path))) == []
+        half = tmp_path / f"{role}-fp16.onnx"
+        to_fp16_onnx(path, half)  # what a TensorRT 11 fp16 build parses
+        model = onnx.load(str(half))
+        onnx.checker.check_model(model)
+        assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+        assert onnx_op_problems(model) == []
+
+
+def test_the_gqa_graph_is_not_for_tensorrt(tiny_bundle: Path) -> None:
+    problems = onnx_op_problems(onnx.load(str(tiny_bundle / "verifier" / "model.onnx")))
+    assert any("com.microsoft" in p for p in problems)
+
+
+def test_the_support_check_catches_operators_types_and_constant_inputs() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3])
+    axes = helper.make_tensor_value_info("axes", TensorProto.INT64, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)
+    nodes = [
+        helper.make_node("Add", ["x", "x"], ["a"], name="add"),
+        helper.make_node("Unique", ["a"], ["u"], name="unique"),
+        helper.make_node("Slice", ["a", "starts", "ends", "axes"], ["y"], name="slice"),
+    ]
+    inits = [helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("ends", TensorProto.INT64, [1], [1])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x, axes], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    problems = "\n".join(onnx_op_problems(model))
+    assert "opset 21 is outside" in problems
+    assert "Add node add: tensor x is DOUBLE" in problems
+    assert "Unique is not in the TensorRT parser's support matrix" in problems
+    assert "Slice node slice: input 3 (axes) must be an initializer" in problems
+
+
+# ---- the missing-TensorRT messages ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed: the missing-package message cannot show")
+def test_export_trt_without_tensorrt_says_what_to_install(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from specreason_export.cli import main
+
+    assert main(["--trt", "--out", str(tmp_path / "b"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "TensorRT is not installed" in err and "pip install 'specreason-rt[trt]'" in err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed: the missing-package message cannot show")
+def test_runtime_trt_backend_without_tensorrt_says_what_to_install(tiny_plain_bundle: Path) -> None:
+    from specreason_rt.bundle import Bundle
+    from specreason_rt.providers import ProviderConfig
+
+    with pytest.raises(ConfigError, match=r"tensorrt Python package.*pip install 'specreason-rt\[trt\]'"):
+        Bundle(tiny_plain_bundle, roles=["verifier"], providers=ProviderConfig(name="trt"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precision", "fp16"], "--precision fp16 is for TensorRT engines: add --trt"),
+    (["--trt", "--precision", "int4"], "--trt builds fp32 or fp16 engines, not int4"),
+    (["--trt", "--max-branches", "0"], "max_branches must be >= 1"),
+])
+def test_export_refuses_bad_trt_options(argv: list[str], message: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    from specreason_export.cli import main
+
+    assert main([*argv, "--out", str(tmp_path / "b"), "-q"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_trt_export_forces_plain_attention_and_refuses_gqa() -> None:
+    from specreason_export.bundle import ExportOptions
+    from specreason_export.errors import ExportError
+    from specreason_export.trt import TrtOptions
+
+    assert ExportOptions(trt=TrtOptions()).attention == "plain"
+    with pytest.raises(ExportError, match="--trt needs plain attention"):
+        ExportOptions(trt=TrtOptions(), attention="gqa")
+    with pytest.raises(ExportError, match="engine precision must be fp32 or fp16"):
+        TrtOptions(precision="int8")
