@@ -93,7 +93,7 @@ class Context:
             n_pending, n_feed = len(self.pending[b]), len(feed[b])
             self.tokens[b].extend(new[b])
             self.pending[b] = []
-            if heads is not None:
+            if heads is not None and head is not None:
                 heads.append(np.zeros(0, np.float32) if n_feed == 0 else
                              head[b, n_pending:n_feed] if with_rows else head[b:b + 1])
             if n_feed == 0:

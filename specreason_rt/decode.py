@@ -36,13 +36,15 @@ class BranchOutput:
 def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np.ndarray, params: SamplingParams,
            rng: np.random.Generator, max_tokens: int, stop_at_step: bool = True, stop_strings: Sequence[str] = (),
            history: list[list[int]] | None = None, on_token: Callable[[int, int], None] | None = None,
-           detectors: list[StepDetector] | None = None) -> list[BranchOutput]:
+           detectors: list[StepDetector] | None = None, evict_finished: bool = False) -> list[BranchOutput]:
     """Sample from `logits` [branches, vocab] (the rows after each branch's last cached token) onwards.
 
     history[b]: tokens already in branch b (for the repetition penalty); extended in place.
     on_token(branch, token) is called for every token as soon as it is sampled (for streaming).
     detectors[b]: branch b's step detector when the step began before this call (it holds the step's
     earlier tokens, so a delimiter that straddles them is found); fresh ones otherwise.
+    evict_finished: drop finished branches from `cache` as decoding goes (the cache then holds only the
+    branches still running when decode returns, none if all finished); for callers that discard the cache.
     """
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -55,21 +57,23 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
     steps = detectors or [StepDetector(tokenizer=tokenizer, delimiter=model.generation.step_delimiter)
                           for _ in range(branches)]
     active = np.ones(branches, bool)
+    branch_of_row = np.arange(branches)  # cache row j holds branch branch_of_row[j] (rows move when evicting)
     # Only the repetition penalty reads the history: skip turning it into arrays every step otherwise.
     needs_history = params.repetition_penalty != 1.0
     while True:
-        # 1. Sample one token for every active branch.
-        rows = np.flatnonzero(active)
-        row_history = [np.asarray(history[b], np.int64) for b in rows] if needs_history else None
+        # 1. Sample one token for every active branch (logits has one row per cache row).
+        rows = np.flatnonzero(active[branch_of_row])
+        live = branch_of_row[rows]
+        row_history = [np.asarray(history[b], np.int64) for b in live] if needs_history else None
         tokens, logprobs = sample(logits=logits[rows], params=params, rng=rng, history=row_history)
         # 2. Record it and check this branch's stops, in order of precedence.
-        for b, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+        for b, tok, lp in zip(live.tolist(), tokens.tolist(), logprobs.tolist(), strict=True):
             out = outs[b]
             out.tokens.append(tok)
             out.logprobs.append(lp)
             history[b].append(tok)
             if on_token is not None:
-                on_token(int(b), tok)
+                on_token(b, tok)
             step_done = steps[b].push(tok)
             if tok in eos:
                 out.finish = "eos"
@@ -83,8 +87,14 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
                 active[b] = False
         if not active.any():
             break
+        if evict_finished and 2 * int(active.sum()) <= cache.branches:
+            # Drop finished branches from the cache so the batch shrinks. A gather copies the cache, so it
+            # runs only when at least half the rows are finished: the copies stay a bounded share of the work.
+            keep = np.flatnonzero(active[branch_of_row])
+            cache.gather(keep)
+            branch_of_row = branch_of_row[keep]
         # 3. One forward: active branches feed their new token, finished ones feed nothing.
-        feed = [[outs[b].tokens[-1]] if active[b] else [] for b in range(branches)]
+        feed = [[outs[b].tokens[-1]] if active[b] else [] for b in branch_of_row.tolist()]
         logits = model.forward(cache=cache, tokens=feed)
     for out in outs:
         out.text = tokenizer.decode(out.tokens)
@@ -117,4 +127,4 @@ def generate(*, model: RoleModel, tokenizer: Tokenizer, prompts: list[list[int]]
         history = [list(prompts[0]) for _ in range(branches_per_prompt)]
     return decode(model=model, tokenizer=tokenizer, cache=cache, logits=logits, params=params, rng=rng,
                   max_tokens=max_tokens, stop_at_step=False, stop_strings=stop_strings, history=history,
-                  on_token=on_token)
+                  on_token=on_token, evict_finished=True)

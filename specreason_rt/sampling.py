@@ -208,7 +208,7 @@ def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generat
     else:
         logp = processed_logprobs(logits=logits, params=params, history=history)  # [branches, vocab]
         probs = np.exp(logp)  # [branches, vocab] float32 (vectorised); exactly 0 for removed tokens
-        tokens = _inverse_cdf(probs, rng.random(size=logp.shape[0]))
+        tokens = _inverse_cdf(probs, np.asarray(rng.random(size=logp.shape[0])))
     tokens = tokens.astype(np.int64)  # [branches]
     # The log-probability of each chosen token under the RAW logits: only its logsumexp is needed.
     x = np.asarray(logits, dtype=np.float32)

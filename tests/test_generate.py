@@ -127,3 +127,25 @@ def test_builtin_batched_greedy_matches_transformers(builtin_bundle: Path, role:
         ref_tokens, ref_logprobs = transformers_greedy(hf, prompt, 64, bundle.models[role].generation.eos_ids)
         assert out.tokens == ref_tokens
         np.testing.assert_allclose(out.logprobs, ref_logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("role", ["speculator", "verifier"])
+def test_evicting_finished_branches_changes_nothing_but_the_batch(builtin_bundle: Path, role: str) -> None:
+    bundle = Bundle(builtin_bundle, roles=[role])
+    model, tok = bundle.models[role], bundle.tokenizers[role]
+    prompt = tok.encode_chat([{"role": "user", "content": "37+45*3"}])
+    params = SamplingParams(temperature=3.0)  # hot, so branches end their first step at different lengths
+    runs = []
+    for evict in (False, True):
+        cache = model.new_cache(branches=1, capacity=64)
+        logits = model.forward(cache=cache, tokens=[prompt])
+        cache.fork(8)
+        outs = decode(model=model, tokenizer=tok, cache=cache, logits=np.repeat(logits, 8, axis=0), params=params,
+                      rng=np.random.default_rng(11), max_tokens=40, stop_at_step=True, evict_finished=evict)
+        runs.append((outs, cache.branches))
+    (kept, rows_kept), (evicted, rows_evicted) = runs
+    assert len({len(o.tokens) for o in kept}) > 1  # the branches did finish at different times
+    assert [o.tokens for o in kept] == [o.tokens for o in evicted]
+    for a, b in zip(kept, evicted, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert rows_kept == 8 and rows_evicted < 8
