@@ -15,7 +15,8 @@ from .tokenizer import Tokenizer
 class Bundle:
     def __init__(self, path: str | Path, *, roles: Sequence[str] = ROLES,
                  providers: Sequence[ProviderSpec] | ProviderConfig | None = None,
-                 intra_op_threads: int = 0, kv_limit_bytes: int | None = None) -> None:
+                 intra_op_threads: int = 0, kv_limit_bytes: int | None = None, spin: bool = True) -> None:
+        """spin=False stops ONNX Runtime's idle threads from spinning: use it when the models take turns."""
         self.path = Path(path)
         unknown = [r for r in roles if r not in ROLES]
         if unknown:
@@ -27,5 +28,5 @@ class Bundle:
             entry = self.manifest.models[role]
             self.models[role] = RoleModel(bundle_dir=self.path, entry=entry, providers=providers,
                                           intra_op_threads=intra_op_threads, kv_limit_bytes=kv_limit_bytes,
-                                          engine_facts=self.manifest.engines.get(role))
+                                          engine_facts=self.manifest.engines.get(role), spin=spin)
             self.tokenizers[role] = Tokenizer(path=self.path / entry.tokenizer, generation=entry.generation)

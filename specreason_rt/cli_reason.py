@@ -98,9 +98,9 @@ def _eval(args: argparse.Namespace) -> int:
     reasoner = _reasoner(args)
     show = sys.stderr.isatty()
 
-    def progress(name: str, done: int, total: int) -> None:
+    def progress(done: int, total: int) -> None:
         if show:
-            print(f"\r{name}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+            print(f"\rproblem {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     records: list[dict] | None = [] if args.records else None
     report = evaluate(reasoner=reasoner, problems=problems, configs=configs, progress=progress, records=records)

@@ -70,24 +70,27 @@ def summarize(results: list[RunResult], problems: list[dict[str, str]]) -> dict[
 
 
 def evaluate(*, reasoner: Reasoner, problems: list[dict[str, str]], configs: dict[str, ReasonConfig],
-             progress: Callable[[str, int, int], None] | None = None, records: list[dict] | None = None,
+             progress: Callable[[int, int], None] | None = None, records: list[dict] | None = None,
              ) -> dict[str, Any]:
-    """Run every named config on every problem; per-config metrics. records (if given) gets one per run."""
-    out: dict[str, Any] = {"problems": len(problems), "strategies": {}}
-    for name, config in configs.items():
-        results = []
-        for i, problem in enumerate(problems):
+    """Run every named config on every problem; per-config metrics. records (if given) gets one per run.
+
+    The configs take turns on each problem (problem-major order), so a slow spell of a shared machine hits
+    every strategy alike instead of whichever happened to run then: the latency ratios stay fair.
+    """
+    results: dict[str, list[RunResult]] = {name: [] for name in configs}
+    for i, problem in enumerate(problems):
+        for name, config in configs.items():
             result = reasoner.run(problem["question"], config)
-            results.append(result)
+            results[name].append(result)
             if records is not None:
                 records.append({"name": name, "id": problem["id"], "reference": problem["answer"],
                                 "correct": is_correct(predicted=result.answer, reference=problem["answer"]),
                                 **result.to_json()})
-            if progress is not None:
-                progress(name, i + 1, len(problems))
-        out["strategies"][name] = {"config": config.to_json(), **summarize(results, problems)}
-    return out
-
+        if progress is not None:
+            progress(i + 1, len(problems))
+    return {"problems": len(problems),
+            "strategies": {name: {"config": config.to_json(), **summarize(results[name], problems)}
+                           for name, config in configs.items()}}
 
 def table(report: dict[str, Any], *, baseline: str | None = "verifier") -> str:
     """A fixed-width table of the report; speedup is relative to `baseline` when it was run."""

@@ -25,10 +25,16 @@ from .providers import ProviderConfig, ProviderSpec
 from .trt_engine import TrtEngine
 
 
+# intra_op_threads=0 ("auto") gives models below this size one thread: their ops are too small to split, and
+# on the built-in pair (0.1M / 0.8M parameters) one thread ran a stepwise eval 1.6x faster than two.
+SMALL_MODEL_PARAMETERS = 10_000_000
+
+
 class RoleModel:
     def __init__(self, *, bundle_dir: str | Path, entry: ModelEntry,
                  providers: Sequence[ProviderSpec] | ProviderConfig | None = None, intra_op_threads: int = 0,
-                 kv_limit_bytes: int | None = None, engine_facts: EngineFacts | None = None) -> None:
+                 kv_limit_bytes: int | None = None, engine_facts: EngineFacts | None = None,
+                 spin: bool = True) -> None:
         self.entry = entry
         self.kv_limit_bytes = kv_limit_bytes
         self.arch = entry.architecture
@@ -40,8 +46,10 @@ class RoleModel:
                                                 device_id=providers.device_id)
         else:
             specs = providers.ort_providers(entry=entry) if isinstance(providers, ProviderConfig) else providers
+            if intra_op_threads == 0 and self.arch.parameters < SMALL_MODEL_PARAMETERS:
+                intra_op_threads = 1
             self.engine = OrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, providers=specs,
-                                                intra_op_threads=intra_op_threads)
+                                                intra_op_threads=intra_op_threads, spin=spin)
         if isinstance(self.engine, OrtEngine) and (entry.value_head is not None) != self.engine.has_value:
             raise BundleError(f"{entry.file}: the manifest {'lists' if entry.value_head else 'has no'} value head but "
                               f"the graph {'lacks' if entry.value_head else 'has'} the output `value`; "

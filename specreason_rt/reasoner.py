@@ -23,8 +23,10 @@ from .trace import RunResult, StepTrace
 class Reasoner:
     def __init__(self, bundle: str | Path | Bundle, *, providers: list[str] | None = None,
                  intra_op_threads: int = 0, kv_limit_bytes: int | None = None) -> None:
+        # The two models take turns, so idle ONNX Runtime threads must not spin (see engine.py).
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(
-            bundle, providers=providers, intra_op_threads=intra_op_threads, kv_limit_bytes=kv_limit_bytes)
+            bundle, providers=providers, intra_op_threads=intra_op_threads, kv_limit_bytes=kv_limit_bytes,
+            spin=False)
 
     def run(self, problem: str, config: ReasonConfig | None = None, *,
             on_step: Callable[[StepTrace], None] | None = None) -> RunResult:

@@ -146,13 +146,17 @@ def processed_logprobs(*, logits: np.ndarray, params: SamplingParams,
         out = np.full_like(x, -np.inf)
         out[np.arange(x.shape[0]), np.argmax(x, axis=-1)] = 0.0
         return out
-    # 2. Temperature, 3. top-k, 4. top-p, 5. min-p: each sees the previous one's output, as in generate.
+    return log_softmax(_warp(x, params)).astype(np.float32, copy=False)
+
+
+def _warp(x: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """2. Temperature, 3. top-k, 4. top-p, 5. min-p on (penalised) logits [branches, vocab]; each sees the
+    previous one's output, as in generate. Unnormalised: removed tokens are -inf."""
     if params.temperature != 1.0:
         x = x / np.float32(params.temperature)
     x = _top_k(x, params.top_k)
     x = _top_p(x, params.top_p)
-    x = _min_p(x, params.min_p)
-    return log_softmax(x).astype(np.float32, copy=False)
+    return _min_p(x, params.min_p)
 
 
 CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
@@ -168,6 +172,15 @@ def _inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
     inside the one block that holds the target. Sums are float64, accurate over the whole vocabulary.
     """
     branches, vocab = probs.shape
+    if vocab <= 16 * CDF_BLOCK:
+        # Small vocabularies: one vectorised float64 cumsum is cheaper than the per-row block search.
+        cdf = np.cumsum(probs, axis=-1, dtype=np.float64)  # [branches, vocab]
+        tokens = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=-1)
+        off = (tokens >= vocab) | (probs[np.arange(branches), np.minimum(tokens, vocab - 1)] == 0)
+        if off.any():  # rounding put the target at the very end: the last token with any probability
+            last = vocab - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
+            tokens = np.where(off, last, tokens)
+        return tokens.astype(np.int64)
     n_blocks = -(-vocab // CDF_BLOCK)
     padded = np.zeros((branches, n_blocks * CDF_BLOCK), np.float32)  # [branches, n_blocks * CDF_BLOCK]
     padded[:, :vocab] = probs
@@ -206,9 +219,14 @@ def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generat
             _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
         tokens = np.argmax(x, axis=-1)
     else:
-        logp = processed_logprobs(logits=logits, params=params, history=history)  # [branches, vocab]
-        probs = np.exp(logp)  # [branches, vocab] float32 (vectorised); exactly 0 for removed tokens
-        tokens = _inverse_cdf(probs, np.asarray(rng.random(size=logp.shape[0])))
+        # The draw needs the warped distribution only up to a constant: exp(z - max z), no normalisation.
+        _check_inputs(logits, history)
+        penalize = params.repetition_penalty != 1.0 and history is not None
+        x = np.array(logits, dtype=np.float32, copy=True) if penalize else np.asarray(logits, dtype=np.float32)
+        _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
+        z = _warp(x, params)  # [branches, vocab]
+        probs = np.exp(z - z.max(axis=-1, keepdims=True))  # float32 (vectorised); exactly 0 for removed tokens
+        tokens = _inverse_cdf(probs, np.asarray(rng.random(size=logits.shape[0])))
     tokens = tokens.astype(np.int64)  # [branches]
     # The log-probability of each chosen token under the RAW logits: only its logsumexp is needed.
     x = np.asarray(logits, dtype=np.float32)
