@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from .providers import ProviderConfig
 
 
+THREADS_HELP = "ONNX Runtime intra-op threads (0: auto = 1 below 10M parameters, else all cores)"
+
+
 def add_provider_arguments(p: argparse.ArgumentParser) -> None:
     """--provider and its options (specreason_rt/providers.py), for every command that runs a bundle."""
     from .providers import PROVIDER_NAMES
@@ -205,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    gen.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    gen.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     gen.add_argument("--kv-limit-mib", type=float, default=4096, metavar="MIB",
                      help="refuse requests whose KV cache would exceed this many MiB (default 4096)")
     add_provider_arguments(gen)
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     logits.add_argument("--role", default="speculator", choices=["speculator", "verifier"])
     logits.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
     logits.add_argument("--repeats", type=int, default=5)
-    logits.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    logits.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     logits.add_argument("--json", action="store_true")
     logits.set_defaults(func=_bench_logits)
     decode = bench_sub.add_parser("decode", help="ms per decode step of both roles at given branches and context")
@@ -230,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--prefill-tokens", type=int, default=512, help="shared prompt length (default 512)")
     decode.add_argument("--n-specs", type=int, nargs="+", default=[1, 4], help="branches forked from the prompt")
     decode.add_argument("--repeats", type=int, default=5)
-    decode.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    decode.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     decode.add_argument("--roles", nargs="+", default=["speculator", "verifier"],
                         choices=["speculator", "verifier"], help="which models to time (default both)")
     decode.add_argument("--peer", nargs=2, metavar=("NAME", "PATH"), action="append", default=None,

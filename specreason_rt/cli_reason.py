@@ -34,10 +34,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _reasoner(args: argparse.Namespace):  # noqa: ANN202 - the import stays lazy
-    from .engine import resolve_providers
+    from .cli import provider_config
     from .reasoner import Reasoner
 
-    return Reasoner(args.bundle, providers=resolve_providers(args.provider), intra_op_threads=args.threads)
+    return Reasoner(args.bundle, providers=provider_config(args), intra_op_threads=args.threads)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -145,9 +145,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="any config field, repeatable: e.g. --set stepwise.candidates=2 --set verifier.temperature=0.5")
     p.add_argument("--seed", type=int, default=0, help="one seed for the run (each model has its own stream)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                   help="ONNX Runtime execution provider (default cpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads (0: auto = 1 for models under 10M parameters, else all cores)")
+    from .cli import add_provider_arguments  # cli.py imports this module first, so this import is complete
+
+    add_provider_arguments(p)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

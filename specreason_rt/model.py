@@ -24,7 +24,6 @@ from .manifest import EngineFacts, ModelEntry
 from .providers import ProviderConfig, ProviderSpec
 from .trt_engine import TrtEngine
 
-
 # intra_op_threads=0 ("auto") gives models below this size one thread: their ops are too small to split, and
 # on the built-in pair (0.1M / 0.8M parameters) one thread ran a stepwise eval 1.6x faster than two.
 SMALL_MODEL_PARAMETERS = 10_000_000

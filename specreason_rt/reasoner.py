@@ -10,18 +10,19 @@ each thread its own, or serialise calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .bundle import Bundle
 from .config import ReasonConfig
 from .errors import ConfigError
+from .providers import ProviderConfig, ProviderSpec
 from .strategies import STRATEGY_FUNCTIONS, Run
 from .trace import RunResult, StepTrace
 
 
 class Reasoner:
-    def __init__(self, bundle: str | Path | Bundle, *, providers: list[str] | None = None,
+    def __init__(self, bundle: str | Path | Bundle, *, providers: Sequence[ProviderSpec] | ProviderConfig | None = None,
                  intra_op_threads: int = 0, kv_limit_bytes: int | None = None) -> None:
         # The two models take turns, so idle ONNX Runtime threads must not spin (see engine.py).
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(

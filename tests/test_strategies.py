@@ -207,3 +207,18 @@ def test_different_tokenizers_hand_text_across(mixed_bundle: Path, threshold: in
     ends = np.cumsum([s.tokens for s in result.steps])
     pieces = np.split(np.array(written.generated(0)), ends[:-1])
     assert [written.tokenizer.decode(p.tolist()) for p in pieces] == [s.text for s in result.steps]
+
+
+def test_head_mode_scores_are_the_value_head_at_the_step_end(builtin_bundle: Path) -> None:
+    bundle = Bundle(builtin_bundle)
+    verifier = bundle.models["verifier"]
+    assert verifier.has_value_head
+    run = Run(bundle=bundle, problem="37+45*3", config=cfg("stepwise", 0, **{"score.mode": "head",
+                                                                            "stepwise.threshold": 0}))
+    result = STRATEGY_FUNCTIONS["stepwise"](run)
+    tok = bundle.tokenizers["verifier"]
+    prompt = run.prompts["verifier"]
+    first = tok.encode(result.steps[0].text, add_special_tokens=False)
+    cache = verifier.new_cache(branches=1, capacity=64)
+    _, values = verifier.forward(cache=cache, tokens=[prompt + first], values=True)
+    assert result.steps[0].candidates[0].score == pytest.approx(9 * float(values[0]), abs=1e-3)
