@@ -222,3 +222,20 @@ def test_head_mode_scores_are_the_value_head_at_the_step_end(builtin_bundle: Pat
     cache = verifier.new_cache(branches=1, capacity=64)
     _, values = verifier.forward(cache=cache, tokens=[prompt + first], values=True)
     assert result.steps[0].candidates[0].score == pytest.approx(9 * float(values[0]), abs=1e-3)
+
+
+@pytest.mark.smollm2
+def test_judge_mode_on_a_chat_model(smollm2_bundle: Path) -> None:
+    """SmolLM2 judges each drafted step with the paper's prompt; the judge prompt never stays in the cache."""
+    bundle = Bundle(smollm2_bundle)
+    config = cfg("stepwise", 0, **{"score.mode": "judge", "score.method": "average", "stepwise.threshold": 5,
+                                   "speculator.temperature": 0, "limits.max_tokens": 24,
+                                   "limits.max_step_tokens": 12})
+    run = Run(bundle=bundle, problem="What is 12 + 30? Think step by step.", config=config)
+    result = STRATEGY_FUNCTIONS["stepwise"](run)
+    scores = [c.score for s in result.steps for c in s.candidates]
+    assert scores and all(0 <= x <= 9 for x in scores)
+    spec, ver = (ctx for _, ctx in run.contexts)
+    for ctx in (spec, ver):
+        assert ctx.tokenizer.decode(ctx.generated(0)) == result.text
+    _assert_cache_is_fresh(ver)
