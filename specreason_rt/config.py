@@ -32,8 +32,9 @@ SCORE_METHODS = ("greedy", "average")
 ANSWER_FORMATS = ("answer_line", "boxed")
 SCALE_MAX = 9  # scores live on the paper's 0-9 scale
 
-# The paper's judge instruction (arXiv 2504.07891, App. A), appended after the step being judged; the score is
-# read from the verifier's logits of the ten digit tokens at the end of it.
+# A judge instruction after the paper's (arXiv 2504.07891: rate the latest step's correctness on a 0-9 scale;
+# our wording), appended after the step being judged; the score is read from the verifier's logits of the ten
+# digit tokens at its end. Set ScoreConfig.judge_prompt to the wording (and chat markup) your verifier expects.
 DEFAULT_JUDGE_PROMPT = (
     "\n\nEvaluate the last reasoning step solely on its factual correctness and logical validity. Ignore style, "
     "phrasing and overall usefulness. Output a score from 0 to 9, where 0 is completely wrong and 9 is "
