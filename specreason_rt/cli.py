@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli_reason import add_commands as add_reason_commands
+from .cli_serve import add_commands as add_serve_commands
 from .errors import ConfigError, SpecReasonError
 from .manifest import load_manifest
 
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print tokens, text and log-probs as JSON")
     gen.set_defaults(func=_generate)
     add_reason_commands(sub)  # run, eval
+    add_serve_commands(sub)  # serve
     bench = sub.add_parser("bench", help="benchmarks with JSON output")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     logits = bench_sub.add_parser("logits", help="prefill with logits at the last position vs at every position")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .cancel import CancelToken
 from .decode import BranchOutput, decode
 from .model import RoleModel
 from .sampling import SamplingParams
@@ -23,9 +24,16 @@ from .tokenizer import StepDetector, Tokenizer
 
 
 class Context:
-    def __init__(self, *, model: RoleModel, tokenizer: Tokenizer, prompt: Sequence[int], room: int) -> None:
-        """Prefill `prompt` as one branch; `room` = tokens the run may add after it (checked up front)."""
+    def __init__(self, *, model: RoleModel, tokenizer: Tokenizer, prompt: Sequence[int], room: int,
+                 cancel: CancelToken | None = None) -> None:
+        """Prefill `prompt` as one branch; `room` = tokens the run may add after it (checked up front).
+
+        cancel: checked before each forward (prefill, extend, each decoded step), so a cancelled run stops soon.
+        """
         self.model, self.tokenizer = model, tokenizer
+        self.cancel = cancel
+        if cancel is not None:
+            cancel.check()
         needed = len(prompt) + room
         self.cache = model.new_cache(branches=1, capacity=min(needed, model.arch.max_context))
         self.cache.reserve(min(needed, model.arch.max_context))
@@ -81,6 +89,8 @@ class Context:
         if not any(feed):
             same = [self.logits[b][None] for b in range(self.branches)] if with_rows else None
             return same, ([np.zeros(0, np.float32)] * self.branches if values else None)
+        if self.cancel is not None:
+            self.cancel.check()
         before = self.logits.copy()  # [branches, vocab]: valid for branches without pending tokens
         if values:
             logits, head = self.model.forward(cache=self.cache, tokens=feed, all_logits=with_rows, values=True)
@@ -129,6 +139,8 @@ class Context:
         the step's first tokens (when those were appended another way), so a delimiter across them is found.
         """
         self.flush()
+        if self.cancel is not None:
+            self.cancel.check()
         history = [list(t) for t in self.tokens] if params.repetition_penalty != 1.0 else None
         outs = decode(model=self.model, tokenizer=self.tokenizer, cache=self.cache, logits=self.logits,
                       params=params, rng=rng, max_tokens=max_tokens, stop_at_step=stop_at_step, history=history,

@@ -5,7 +5,7 @@
     result.answer, result.text, result.to_json()
 
 A Reasoner is not thread-safe (the engines' IO bindings and KV buffers belong to one run at a time): give
-each thread its own, or serialise calls.
+each thread its own, or serialise calls. `ReasonerPool` (pool.py) does that for many threads or asyncio.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .bundle import Bundle
+from .cancel import CancelToken
 from .config import ReasonConfig
 from .errors import ConfigError
 from .providers import ProviderConfig, ProviderSpec
@@ -30,10 +31,14 @@ class Reasoner:
             spin=False)
 
     def run(self, problem: str, config: ReasonConfig | None = None, *,
-            on_step: Callable[[StepTrace], None] | None = None) -> RunResult:
-        """Solve one problem. on_step(step) is called as each step is committed (for streaming)."""
+            on_step: Callable[[StepTrace], None] | None = None, cancel: CancelToken | None = None) -> RunResult:
+        """Solve one problem. on_step(step) is called as each step is committed (for streaming).
+
+        cancel: a token another thread may set (or that expires): the run then raises Cancelled / RunTimeout
+        at its next forward.
+        """
         if not isinstance(problem, str) or not problem.strip():
             raise ConfigError("the problem is empty: pass the question text")
         config = config or ReasonConfig()
         return STRATEGY_FUNCTIONS[config.strategy](Run(bundle=self.bundle, problem=problem, config=config,
-                                                       on_step=on_step))
+                                                       on_step=on_step, cancel=cancel))

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..answers import extract_answer
 from ..bundle import Bundle
+from ..cancel import CancelToken
 from ..config import ReasonConfig
 from ..context import Context
 from ..errors import CacheLimitError
@@ -45,8 +46,8 @@ class Trajectory:
 
 class Run:
     def __init__(self, *, bundle: Bundle, problem: str, config: ReasonConfig,
-                 on_step: Callable[[StepTrace], None] | None = None) -> None:
-        self.bundle, self.config, self.on_step = bundle, config, on_step
+                 on_step: Callable[[StepTrace], None] | None = None, cancel: CancelToken | None = None) -> None:
+        self.bundle, self.config, self.on_step, self.cancel = bundle, config, on_step, cancel
         self.timer = Timer()
         self.rng = {role: np.random.default_rng([config.seed, stream]) for role, stream in ROLE_STREAMS.items()}
         self.params: dict[str, SamplingParams] = {"speculator": config.speculator, "verifier": config.verifier}
@@ -84,7 +85,7 @@ class Run:
         room = self.budget + self._extra_room(role)
         with self.timer.phase("prefill"):
             ctx = Context(model=self.bundle.models[role], tokenizer=self.bundle.tokenizers[role],
-                          prompt=self.prompts[role], room=room)
+                          prompt=self.prompts[role], room=room, cancel=self.cancel)
         self.contexts.append((role, ctx))
         return ctx
 
