@@ -65,6 +65,12 @@ def test_wheel_installs_only_specreason_names(tmp_path: Path) -> None:
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"specreason_rt", "specreason_export", "specreason_models"}
     assert any(n.startswith("specreason_models/builtin/verifier/") for n in names), "weights not packaged"
+    # Every source module is in the wheel (a subpackage missing from pyproject's list would not be).
+    for folder, package in (("specreason_rt", "specreason_rt"), ("export", "specreason_export"),
+                            ("models", "specreason_models")):
+        for module in (ROOT / folder).rglob("*.py"):
+            installed = f"{package}/{module.relative_to(ROOT / folder).as_posix()}"
+            assert installed in names, f"{installed} is not in the wheel: add its package to pyproject.toml"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "specreason-export = specreason_export.cli:main" in text
