@@ -22,13 +22,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"specreason serve: warning: listening on {args.host} without an API key", flush=True)
     pool = ReasonerPool(args.bundle, workers=args.workers, queue_size=args.queue_size,
-                        providers=provider_config(args), intra_op_threads=args.threads)
+                        providers=provider_config(args), intra_op_threads=args.threads, max_batch=args.max_batch)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                     max_tokens=args.max_tokens_limit, max_branches=args.max_branches, timeout_s=args.timeout)
     app = create_app(pool=pool, model_name=args.model_name, api_key=api_key, limits=limits,
                      shutdown_grace_s=args.graceful)
     print(f"specreason serve: {args.model_name} from {args.bundle} on http://{args.host}:{args.port} "
-          f"({args.workers} workers, queue {args.queue_size})", flush=True)
+          f"({args.workers} workers, up to {args.max_batch} stepwise runs batched per worker, queue {args.queue_size})",
+          flush=True)
     serve_forever(app, host=args.host, port=args.port, graceful_s=args.graceful)
     return 0
 
@@ -46,6 +47,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $SPECREASON_API_KEY, else none)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one Reasoner each (default 2)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="stepwise runs of different requests a worker batches into shared engine forwards "
+                        "(same output as alone; 1 = off; default 16)")
     p.add_argument("--queue-size", type=int, default=64,
                    help="runs that may wait for a worker; past this requests get 429 (default 64)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a run may take before 504 (default 120)")

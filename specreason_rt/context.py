@@ -24,9 +24,10 @@ from .tokenizer import StepDetector, Tokenizer
 
 
 class Context:
-    def __init__(self, *, model: RoleModel, tokenizer: Tokenizer, prompt: Sequence[int], room: int,
-                 cancel: CancelToken | None = None) -> None:
-        """Prefill `prompt` as one branch; `room` = tokens the run may add after it (checked up front).
+    def __init__(self, *, model: RoleModel, tokenizer: Tokenizer, prompt: Sequence[int] | None = None,
+                 prompts: Sequence[Sequence[int]] | None = None, room: int, cancel: CancelToken | None = None) -> None:
+        """Prefill `prompt` as one branch, or `prompts` as one branch each (one ragged forward); `room` = tokens
+        a branch may add after its prompt (checked up front).
 
         cancel: checked before each forward (prefill, extend, each decoded step), so a cancelled run stops soon.
         """
@@ -34,15 +35,16 @@ class Context:
         self.cancel = cancel
         if cancel is not None:
             cancel.check()
-        needed = len(prompt) + room
-        self.cache = model.new_cache(branches=1, capacity=min(needed, model.arch.max_context))
+        rows = [list(p) for p in prompts] if prompts is not None else [list(prompt or [])]
+        needed = max(len(p) for p in rows) + room
+        self.cache = model.new_cache(branches=len(rows), capacity=min(needed, model.arch.max_context))
         self.cache.reserve(min(needed, model.arch.max_context))
         if needed > model.arch.max_context:
             self.cache.reserve(needed)  # raises CacheLimitError with the numbers
-        self.prompt_len = len(prompt)
-        self.tokens: list[list[int]] = [list(prompt)]
-        self.pending: list[list[int]] = [[]]
-        self.logits: np.ndarray = model.forward(cache=self.cache, tokens=[list(prompt)])  # [branches, vocab]
+        self.prompt_lens = [len(p) for p in rows]  # per branch: where its generated tokens start
+        self.tokens: list[list[int]] = rows
+        self.pending: list[list[int]] = [[] for _ in rows]
+        self.logits: np.ndarray = model.forward(cache=self.cache, tokens=[list(p) for p in rows])  # [branches, vocab]
         self.forwards = 1  # model forwards run by this context (for the trace)
 
     @property
@@ -54,16 +56,26 @@ class Context:
 
     def generated(self, b: int) -> list[int]:
         """Branch b's tokens after the prompt."""
-        return self.tokens[b][self.prompt_len:]
+        return self.tokens[b][self.prompt_lens[b]:]
 
     # -- branch bookkeeping -------------------------------------------------------------------------------------
     def gather(self, rows: Sequence[int]) -> None:
         """Keep, reorder or duplicate branches: new branch j is old branch rows[j] (the cache rows move along)."""
         rows = list(rows)
         self.cache.gather(rows)
+        self.prompt_lens = [self.prompt_lens[r] for r in rows]
         self.tokens = [list(self.tokens[r]) for r in rows]
         self.pending = [list(self.pending[r]) for r in rows]
         self.logits = self.logits[rows]
+
+    def concat(self, other: Context) -> None:
+        """Append other's branches after this one's (a request joining a running batch); other is consumed."""
+        self.cache.concat(other.cache)
+        self.prompt_lens += other.prompt_lens
+        self.tokens += other.tokens
+        self.pending += other.pending
+        self.logits = np.concatenate([self.logits, other.logits])
+        self.forwards += other.forwards
 
     def truncate(self, b: int, *, length: int, logits: np.ndarray) -> None:
         """Drop branch b's tokens past `length` (a rejected step); `logits` [vocab] = the saved row after them."""
@@ -131,12 +143,15 @@ class Context:
         if any(self.pending):
             self.extend([[] for _ in range(self.branches)])
 
-    def decode_steps(self, *, params: SamplingParams, rng: np.random.Generator, max_tokens: int,
-                     stop_at_step: bool = True, detectors: list[StepDetector] | None = None) -> list[BranchOutput]:
-        """Sample every branch until its step ends (or eos / max_tokens); the tokens join the branches.
+    def decode_steps(self, *, params: SamplingParams, rng: np.random.Generator | Sequence[np.random.Generator],
+                     max_tokens: int | Sequence[int], stop_at_step: bool = True,
+                     detectors: list[StepDetector] | None = None, active: Sequence[bool] | None = None,
+                     ) -> list[BranchOutput]:
+        """Sample every (active) branch until its step ends (or eos / max_tokens); the tokens join the branches.
 
         The last token of each branch becomes pending. detectors: per-branch step detectors that already hold
         the step's first tokens (when those were appended another way), so a delimiter across them is found.
+        rng / max_tokens per branch and active: see decode().
         """
         self.flush()
         if self.cancel is not None:
@@ -144,9 +159,10 @@ class Context:
         history = [list(t) for t in self.tokens] if params.repetition_penalty != 1.0 else None
         outs = decode(model=self.model, tokenizer=self.tokenizer, cache=self.cache, logits=self.logits,
                       params=params, rng=rng, max_tokens=max_tokens, stop_at_step=stop_at_step, history=history,
-                      detectors=detectors)
-        self.forwards += max(len(o.tokens) for o in outs) - 1
+                      detectors=detectors, active=active)
+        self.forwards += max(max(len(o.tokens) for o in outs) - 1, 0)
         for b, out in enumerate(outs):
-            self.tokens[b].extend(out.tokens)
-            self.pending[b] = out.tokens[-1:]
+            if out.tokens:
+                self.tokens[b].extend(out.tokens)
+                self.pending[b] = out.tokens[-1:]
         return outs

@@ -34,9 +34,11 @@ class BranchOutput:
 
 
 def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np.ndarray, params: SamplingParams,
-           rng: np.random.Generator, max_tokens: int, stop_at_step: bool = True, stop_strings: Sequence[str] = (),
+           rng: np.random.Generator | Sequence[np.random.Generator], max_tokens: int | Sequence[int],
+           stop_at_step: bool = True, stop_strings: Sequence[str] = (),
            history: list[list[int]] | None = None, on_token: Callable[[int, int], None] | None = None,
-           detectors: list[StepDetector] | None = None, evict_finished: bool = False) -> list[BranchOutput]:
+           detectors: list[StepDetector] | None = None, evict_finished: bool = False,
+           active: Sequence[bool] | None = None) -> list[BranchOutput]:
     """Sample from `logits` [branches, vocab] (the rows after each branch's last cached token) onwards.
 
     history[b]: tokens already in branch b (for the repetition penalty); extended in place.
@@ -45,10 +47,16 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
     earlier tokens, so a delimiter that straddles them is found); fresh ones otherwise.
     evict_finished: drop finished branches from `cache` as decoding goes (the cache then holds only the
     branches still running when decode returns, none if all finished); for callers that discard the cache.
+    rng and max_tokens may be given per branch (branches of different requests in one batch); active[b] False
+    leaves branch b alone (no tokens, finish "", nothing fed).
     """
-    if max_tokens < 1:
-        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
     branches = cache.branches
+    limits = np.broadcast_to(np.asarray(max_tokens, np.int64), (branches,))  # [branches]
+    if (limits < 1).any():
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    rngs = None if isinstance(rng, np.random.Generator) else list(rng)
+    if rngs is not None and len(rngs) != branches:
+        raise ConfigError(f"got {len(rngs)} generators for {branches} branches")
     history = history if history is not None else [[] for _ in range(branches)]
     eos = set(model.generation.eos_ids)
     outs = [BranchOutput(tokens=[], logprobs=[], finish="") for _ in range(branches)]
@@ -56,16 +64,21 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
         raise ConfigError(f"got {len(detectors)} step detectors for {branches} branches")
     steps = detectors or [StepDetector(tokenizer=tokenizer, delimiter=model.generation.step_delimiter)
                           for _ in range(branches)]
-    active = np.ones(branches, bool)
+    running = np.ones(branches, bool) if active is None else np.array(active, bool)  # [branches]
+    if running.shape != (branches,):
+        raise ConfigError(f"active must have one flag per branch ({branches})")
+    if not running.any():
+        return outs
     branch_of_row = np.arange(branches)  # cache row j holds branch branch_of_row[j] (rows move when evicting)
     # Only the repetition penalty reads the history: skip turning it into arrays every step otherwise.
     needs_history = params.repetition_penalty != 1.0
     while True:
-        # 1. Sample one token for every active branch (logits has one row per cache row).
-        rows = np.flatnonzero(active[branch_of_row])
+        # 1. Sample one token for every running branch (logits has one row per cache row).
+        rows = np.flatnonzero(running[branch_of_row])
         live = branch_of_row[rows]
         row_history = [np.asarray(history[b], np.int64) for b in live] if needs_history else None
-        tokens, logprobs = sample(logits=logits[rows], params=params, rng=rng, history=row_history)
+        row_rng = rng if rngs is None else [rngs[b] for b in live]
+        tokens, logprobs = sample(logits=logits[rows], params=params, rng=row_rng, history=row_history)
         # 2. Record it and check this branch's stops, in order of precedence.
         for b, tok, lp in zip(live.tolist(), tokens.tolist(), logprobs.tolist(), strict=True):
             out = outs[b]
@@ -81,20 +94,20 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
                 out.finish = "step"
             elif stop_strings and any(s in tokenizer.decode(out.tokens) for s in stop_strings):
                 out.finish = "stop"
-            elif len(out.tokens) >= max_tokens:
+            elif len(out.tokens) >= limits[b]:
                 out.finish = "length"
             if out.finish:
-                active[b] = False
-        if not active.any():
+                running[b] = False
+        if not running.any():
             break
-        if evict_finished and 2 * int(active.sum()) <= cache.branches:
+        if evict_finished and 2 * int(running.sum()) <= cache.branches:
             # Drop finished branches from the cache so the batch shrinks. A gather copies the cache, so it
             # runs only when at least half the rows are finished: the copies stay a bounded share of the work.
-            keep = np.flatnonzero(active[branch_of_row])
+            keep = np.flatnonzero(running[branch_of_row])
             cache.gather(keep)
             branch_of_row = branch_of_row[keep]
-        # 3. One forward: active branches feed their new token, finished ones feed nothing.
-        feed = [[outs[b].tokens[-1]] if active[b] else [] for b in branch_of_row.tolist()]
+        # 3. One forward: running branches feed their new token, finished ones feed nothing.
+        feed = [[outs[b].tokens[-1]] if running[b] else [] for b in branch_of_row.tolist()]
         logits = model.forward(cache=cache, tokens=feed)
     for out in outs:
         out.text = tokenizer.decode(out.tokens)

@@ -100,6 +100,23 @@ class KVCache:
         self.values = [v[idx] for v in self.values]
         self.lengths = self.lengths[idx].copy()
 
+    def concat(self, other: KVCache) -> None:
+        """Append other's branches after this cache's (copies both into buffers of the larger capacity)."""
+        if (other.layers, other.kv_heads, other.head_dim) != (self.layers, self.kv_heads, self.head_dim):
+            raise ValueError("cannot concatenate caches of different models")
+        capacity, ours = max(self.capacity, other.capacity), self.branches
+        self._check_bytes(branches=ours + other.branches, capacity=capacity)
+
+        def joined(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # slice copies: np.pad costs more than the data
+            out = np.zeros((ours + b.shape[0], self.kv_heads, capacity, self.head_dim), a.dtype)
+            out[:ours, :, :a.shape[2]] = a
+            out[ours:, :, :b.shape[2]] = b
+            return out
+
+        self.keys = [joined(a, b) for a, b in zip(self.keys, other.keys, strict=True)]
+        self.values = [joined(a, b) for a, b in zip(self.values, other.values, strict=True)]
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+
     def fork(self, n: int) -> None:
         """Turn a single prefilled branch (the prompt) into n identical branches, without recompute."""
         if self.branches != 1:

@@ -17,8 +17,10 @@ thread as each step is committed), a timeout, and cancellation (`Job.cancel`: a 
 running one stops at its next forward). `close(grace=s)` refuses new jobs, lets running and queued ones finish
 for up to s seconds, then cancels the rest; their futures fail with Cancelled.
 
-What is not batched: each run keeps its own branches in its own KV cache; runs of different jobs are not
-merged into one engine batch (see README "Serving").
+Cross-request batching (max_batch > 1): each worker runs up to max_batch stepwise jobs (one draft per step,
+same scoring and sampling settings) as lanes of one StepwiseBatch (strategies/batched.py): every engine
+forward serves all of them, jobs join between steps and leave when done, and each job's output is the same
+as a run alone. Other jobs run alone on the worker, between the batch's steps.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from .config import ReasonConfig
 from .errors import ConfigError, SpecReasonError
 from .providers import ProviderConfig, ProviderSpec
 from .reasoner import Reasoner
+from .strategies.batched import StepwiseBatch, batch_key
+from .strategies.common import Run
 from .trace import RunResult, StepTrace
 
 
@@ -75,11 +79,14 @@ class Job:
 class ReasonerPool:
     def __init__(self, bundle: str | Path, *, workers: int = 1, queue_size: int = 64,
                  providers: Sequence[ProviderSpec] | ProviderConfig | None = None, intra_op_threads: int = 0,
-                 kv_limit_bytes: int | None = None) -> None:
+                 kv_limit_bytes: int | None = None, max_batch: int = 1) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ConfigError(f"queue_size must be an integer >= 1, got {queue_size!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1 (1 = no cross-request batching), got {max_batch!r}")
+        self.max_batch = max_batch
         # One Reasoner (its own engines and KV buffers) per worker: loading is done once, here.
         self.reasoners = [Reasoner(bundle, providers=providers, intra_op_threads=intra_op_threads,
                                    kv_limit_bytes=kv_limit_bytes) for _ in range(workers)]
@@ -88,7 +95,8 @@ class ReasonerPool:
         self._lock = threading.Lock()
         self._closed = False
         self._running: set[Job] = set()
-        self._threads = [threading.Thread(target=self._work, args=(r,), name=f"specreason-worker-{i}", daemon=True)
+        work = self._work if max_batch == 1 else self._work_batched
+        self._threads = [threading.Thread(target=work, args=(r,), name=f"specreason-worker-{i}", daemon=True)
                          for i, r in enumerate(self.reasoners)]
         for t in self._threads:
             t.start()
@@ -223,6 +231,91 @@ class ReasonerPool:
             finally:
                 with self._lock:
                     self._running.discard(job)
+
+    def _start(self, job: Job, reasoner: Reasoner) -> bool:
+        """Mark a dequeued job running; False if it was cancelled while it waited (its future says so)."""
+        if not job.future.set_running_or_notify_cancel():
+            return False
+        job.started = time.perf_counter()
+        with self._lock:
+            self._running.add(job)
+        tok = reasoner.bundle.tokenizers["verifier"]
+        job.prompt_tokens = len(tok.encode_chat([{"role": "user", "content": job.problem}])
+                                if reasoner.bundle.models["verifier"].generation.chat_template is not None
+                                else tok.encode(job.problem))
+        return True
+
+    def _finish(self, job: Job, outcome: RunResult | BaseException) -> None:
+        if job.future.done():  # already reported (a batch that failed after this lane finished)
+            return
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+        with self._lock:
+            self._running.discard(job)
+
+    def _work_batched(self, reasoner: Reasoner) -> None:
+        """A worker that runs batchable jobs as lanes of one StepwiseBatch, one step of all of them at a time."""
+        batch = StepwiseBatch(bundle=reasoner.bundle)
+        held: Job | None = None  # a batchable job that must wait for the batch to drain (different settings)
+        stopping = False
+        while True:
+            joining: list[tuple[Run, Any]] = []
+            # Take new jobs between steps; block only when there is nothing else to do.
+            while not stopping and held is None and len(batch) + len(joining) < self.max_batch:
+                try:
+                    job = self._queue.get(block=not batch and not joining)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                if not self._start(job, reasoner):
+                    continue
+                if batch_key(job.config) is None:
+                    self._run_alone(reasoner, job)  # other strategies run between the batch's steps
+                    continue
+                if not (batch.accepts(job.config) and (not joining or batch_key(joining[0][0].config)
+                                                       == batch_key(job.config))):
+                    held = job
+                    break
+                try:
+                    run = Run(bundle=reasoner.bundle, problem=job.problem, config=job.config, on_step=job.on_step,
+                              cancel=job.token)
+                except BaseException as e:  # noqa: BLE001 - a bad request fails alone
+                    self._finish(job, e)
+                    continue
+                joining.append((run, lambda outcome, job=job: self._finish(job, outcome)))
+            if held is not None and not batch and not joining:
+                job, held = held, None
+                try:
+                    joining.append((Run(bundle=reasoner.bundle, problem=job.problem, config=job.config,
+                                        on_step=job.on_step, cancel=job.token),
+                                    lambda outcome, job=job: self._finish(job, outcome)))
+                except BaseException as e:  # noqa: BLE001
+                    self._finish(job, e)
+            try:
+                batch.admit(joining)
+                if len(batch):
+                    batch.tick()
+            except BaseException as e:  # noqa: BLE001 - an engine failure fails the batch's jobs, the worker lives
+                for lane in batch.lanes:
+                    lane.done(e)
+                for _, done in joining:
+                    if not any(lane.done is done for lane in batch.lanes):
+                        done(e)
+                batch = StepwiseBatch(bundle=reasoner.bundle)
+            if stopping and not batch and held is None:
+                return
+
+    def _run_alone(self, reasoner: Reasoner, job: Job) -> None:
+        try:
+            result = reasoner.run(job.problem, job.config, on_step=job.on_step, cancel=job.token)
+        except BaseException as e:  # noqa: BLE001 - every error goes to the caller, the worker lives on
+            self._finish(job, e)
+        else:
+            self._finish(job, result)
 
     def close(self, *, grace: float = 30.0) -> None:
         """Refuse new jobs; let running and queued jobs finish for up to `grace` seconds, then cancel the rest."""

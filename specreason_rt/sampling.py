@@ -19,6 +19,7 @@ is reproducible: greedy picks the lowest id among the maxima, and top-k / top-p 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,14 +201,15 @@ def _inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
     return tokens
 
 
-def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | Sequence[np.random.Generator],
            history: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw one token per branch.
 
     logits: [branches, vocab] float32; history[b]: token ids already in branch b (for the repetition penalty).
     Returns tokens [branches] int64 and logprobs [branches] float32, the log-softmax of the RAW logits at the
     chosen tokens. Greedy params draw nothing from rng; otherwise exactly one uniform per branch, so the same
-    seed gives the same tokens.
+    seed gives the same tokens. rng may be one generator per branch (branches of different requests sharing a
+    batch keep their own streams: a request samples the same tokens batched or alone).
     """
     rows = np.arange(logits.shape[0])
     if params.greedy:
@@ -226,7 +228,11 @@ def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generat
         _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
         z = _warp(x, params)  # [branches, vocab]
         probs = np.exp(z - z.max(axis=-1, keepdims=True))  # float32 (vectorised); exactly 0 for removed tokens
-        tokens = _inverse_cdf(probs, np.asarray(rng.random(size=logits.shape[0])))
+        if isinstance(rng, np.random.Generator):
+            u = np.asarray(rng.random(size=logits.shape[0]))
+        else:
+            u = np.array([g.random() for g in rng])  # [branches]: one draw from each branch's own stream
+        tokens = _inverse_cdf(probs, u)
     tokens = tokens.astype(np.int64)  # [branches]
     # The log-probability of each chosen token under the RAW logits: only its logsumexp is needed.
     x = np.asarray(logits, dtype=np.float32)

@@ -123,17 +123,19 @@ class StepScorer:
         """Append step spans[b] to verifier branch b in one prefill pass and score each (0-9).
 
         The spans stay in the verifier's cache (an accepted step costs nothing more); truncate a branch to
-        drop a rejected one. Spans must fit one chunk (CHUNK tokens), as steps do.
+        drop a rejected one. Spans must fit one chunk (CHUNK tokens), as steps do. An empty span leaves its
+        branch alone and scores NaN (branches of other requests in a batch that have nothing to verify).
         """
-        if any(len(s) == 0 for s in spans) or max(len(s) for s in spans) > CHUNK:
+        if all(len(s) == 0 for s in spans) or max(len(s) for s in spans) > CHUNK:
             raise ConfigError(f"steps to score must have 1..{CHUNK} tokens; lower limits.max_step_tokens")
         rows, logps, heads = self._append_scored(ctx, spans)
         if self.config.mode == "judge":
             scores = self._judge(ctx, [len(s) for s in spans], rows)
         elif self.config.mode == "head":
-            scores = np.array([SCALE_MAX * float(h[-1]) for h in heads])
+            scores = np.array([SCALE_MAX * float(h[-1]) if len(h) else np.nan for h in heads])
         else:
             scores = np.array([self._from_logprobs(lp) for lp in logps])
+        scores[[len(s) == 0 for s in spans]] = np.nan
         return SpanScores(scores=scores, rows=rows, logprobs=logps)
 
     def score_trajectories(self, ctx: Context, steps: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:

@@ -33,9 +33,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(bundle: str, *, workers: int, port: int) -> subprocess.Popen:
+def _start(bundle: str, *, workers: int, port: int, max_batch: int = 1) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "specreason_rt.cli", "serve", "--bundle", bundle, "--port",
-                             str(port), "--workers", str(workers), "--queue-size", "4096"],
+                             str(port), "--workers", str(workers), "--queue-size", "4096",
+                             "--max-batch", str(max_batch)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-requests", type=int, default=320, help="requests per throughput measurement")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--max-batch", type=int, nargs="+", default=[1, 16],
+                   help="cross-request batch sizes to compare (1 = off)")
     p.add_argument("--strategy", default="stepwise")
     args = p.parse_args(argv)
     if args.problems:
@@ -128,17 +131,17 @@ def main(argv: list[str] | None = None) -> int:
 
         questions = [q.question for q in heldout_split(n=max(args.n, args.load_requests))]
     report: dict[str, Any] = {"bundle": args.bundle, "throughput": []}
-    for workers in args.workers:
+    for workers, max_batch in [(w, b) for b in args.max_batch for w in args.workers]:
         port = _free_port()
-        proc = _start(args.bundle, workers=workers, port=port)
+        proc = _start(args.bundle, workers=workers, port=port, max_batch=max_batch)
         try:
-            if workers == args.workers[0]:
+            if "added_latency" not in report:
                 report["added_latency"] = added_latency(bundle=args.bundle, port=port, problems=questions[:args.n],
                                                         strategy=args.strategy)
             for clients in args.clients:
                 row = throughput(port=port, problems=questions[:args.load_requests], clients=clients,
                                  strategy=args.strategy)
-                report["throughput"].append({"workers": workers, **row})
+                report["throughput"].append({"workers": workers, "max_batch": max_batch, **row})
                 print(json.dumps(report["throughput"][-1]), file=sys.stderr)
         finally:
             proc.terminate()
