@@ -36,6 +36,11 @@ from .schema import ChatRequest, CompletionRequest, Limits, _Common, parse
 RETRY_AFTER_S = 1  # a full queue drains in about one run time; clients back off and retry
 
 
+def _reject_constant(name: str) -> None:
+    """NaN and Infinity are not JSON (Python's parser accepts them by default)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def create_app(*, pool: ReasonerPool, model_name: str = "specreason", api_key: str | None = None,
                limits: Limits | None = None, close_pool: bool = True, shutdown_grace_s: float = 30.0) -> Starlette:
     """The app over `pool`; on shutdown it closes the pool (running runs get shutdown_grace_s to finish)."""
@@ -59,8 +64,8 @@ def create_app(*, pool: ReasonerPool, model_name: str = "specreason", api_key: s
             if len(body) > limits.max_body_bytes:
                 raise ApiError(413, f"the body is over {limits.max_body_bytes} bytes", code="body_too_large")
         try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return json.loads(body, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
 
     def submit(req: _Common, problem: str, *, stream: bool) -> Job:
