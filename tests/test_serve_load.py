@@ -46,7 +46,7 @@ def test_load_32_clients_every_response_checked(builtin_bundle: Path) -> None:
     # What each request must answer: the same problem run alone, in-process, with the same seed.
     alone = Reasoner(builtin_bundle)
     expected = [alone.run(p["question"], make_config(seed=i)) for i, p in enumerate(problems)]
-    pool = ReasonerPool(builtin_bundle, workers=2, queue_size=REQUESTS)
+    pool = ReasonerPool(builtin_bundle, workers=2, queue_size=REQUESTS, max_batch=16)  # as specreason serve
     srv = ServerThread(create_app(pool=pool)).start()
     latencies = [0.0] * REQUESTS
     answers: list[str | None] = [None] * REQUESTS

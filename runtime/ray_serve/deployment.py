@@ -29,9 +29,10 @@ from specreason_rt.serve.schema import Limits
 class SpecReasonReplica:
     """One replica: the app over its own pool, driven through a small ASGI bridge (Ray hands it a Request)."""
 
-    def __init__(self, *, bundle: str, workers: int = 1, queue_size: int = 64, model_name: str = "specreason",
-                 api_key: str | None = None, limits: dict[str, Any] | None = None) -> None:
-        self.pool = ReasonerPool(bundle, workers=workers, queue_size=queue_size)
+    def __init__(self, *, bundle: str, workers: int = 1, queue_size: int = 64, max_batch: int = 16,
+                 model_name: str = "specreason", api_key: str | None = None,
+                 limits: dict[str, Any] | None = None) -> None:
+        self.pool = ReasonerPool(bundle, workers=workers, queue_size=queue_size, max_batch=max_batch)
         self.app = create_app(pool=self.pool, model_name=model_name, api_key=api_key,
                               limits=Limits(**(limits or {})), close_pool=False)
         self.replica = f"{os.getpid()}"
@@ -77,18 +78,20 @@ class SpecReasonReplica:
 
 
 def build(*, bundle: str, replicas: int | None = 2, autoscale: tuple[int, int] | None = None, workers: int = 1,
-          queue_size: int = 64, num_cpus: float = 1.0, **kwargs: Any) -> Any:
+          queue_size: int = 64, max_batch: int = 16, num_cpus: float = 1.0, **kwargs: Any) -> Any:
     """The bound Ray Serve application: fixed replicas, or autoscaling between min and max replicas."""
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": num_cpus},
                                # Requests a replica takes before Ray queues at the proxy: the pool's own bound.
                                "max_ongoing_requests": workers + queue_size}
     if autoscale is not None:
         options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
-                                         "target_ongoing_requests": max(2 * workers, 1)}
+                                         # Each worker batches up to max_batch stepwise runs: scale out once
+                                         # a replica holds about half of what its batches take.
+                                         "target_ongoing_requests": max(workers * max_batch // 2, 1)}
     else:
         options["num_replicas"] = replicas
     deployment = serve.deployment(SpecReasonReplica, name="specreason").options(**options)
-    return deployment.bind(bundle=bundle, workers=workers, queue_size=queue_size, **kwargs)
+    return deployment.bind(bundle=bundle, workers=workers, queue_size=queue_size, max_batch=max_batch, **kwargs)
 
 
 def main() -> None:
@@ -97,12 +100,14 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"))
     p.add_argument("--workers", type=int, default=1, help="runs in parallel per replica")
+    p.add_argument("--max-batch", type=int, default=16, help="stepwise runs batched per worker (1 = off)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(bundle=os.path.abspath(args.bundle), replicas=args.replicas,
-                    autoscale=tuple(args.autoscale) if args.autoscale else None, workers=args.workers),
+                    autoscale=tuple(args.autoscale) if args.autoscale else None, workers=args.workers,
+                    max_batch=args.max_batch),
               route_prefix="/", blocking=True)
 
 
