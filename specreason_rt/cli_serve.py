@@ -46,7 +46,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default="specreason", help="the model id clients send (default specreason)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $SPECREASON_API_KEY, else none)")
-    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one Reasoner each (default 2)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker threads, one Reasoner each, each batching up to --max-batch stepwise runs (default "
+                        "1: lowest latency at low load; 2 gave 1.4x the throughput at 32 clients on 2 cores)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="stepwise runs of different requests a worker batches into shared engine forwards "
                         "(same output as alone; 1 = off; default 16)")
