@@ -38,13 +38,11 @@ class Context:
         rows = [list(p) for p in prompts] if prompts is not None else [list(prompt or [])]
         needed = max(len(p) for p in rows) + room
         self.cache = model.new_cache(branches=len(rows), capacity=min(needed, model.arch.max_context))
-        self.cache.reserve(min(needed, model.arch.max_context))
-        if needed > model.arch.max_context:
-            self.cache.reserve(needed)  # raises CacheLimitError with the numbers
+        self.cache.reserve(needed)  # a no-op when it fits; past the model's context, CacheLimitError with the numbers
         self.prompt_lens = [len(p) for p in rows]  # per branch: where its generated tokens start
         self.tokens: list[list[int]] = rows
         self.pending: list[list[int]] = [[] for _ in rows]
-        self.logits: np.ndarray = model.forward(cache=self.cache, tokens=[list(p) for p in rows])  # [branches, vocab]
+        self.logits: np.ndarray = model.forward(cache=self.cache, tokens=rows)  # [branches, vocab]
         self.forwards = 1  # model forwards run by this context (for the trace)
 
     @property
@@ -103,7 +101,6 @@ class Context:
             return same, ([np.zeros(0, np.float32)] * self.branches if values else None)
         if self.cancel is not None:
             self.cancel.check()
-        before = self.logits.copy()  # [branches, vocab]: valid for branches without pending tokens
         if values:
             logits, head = self.model.forward(cache=self.cache, tokens=feed, all_logits=with_rows, values=True)
         else:
@@ -126,8 +123,8 @@ class Context:
                 self.logits[b] = logits[b]
                 continue
             # logits[b, j] follows fed token j; the row predicting the first new token follows the last
-            # pending token, or is the saved row when nothing was pending.
-            first = logits[b, n_pending - 1][None] if n_pending else before[b][None]
+            # pending token, or is the branch's current row (not yet overwritten) when nothing was pending.
+            first = logits[b, n_pending - 1][None] if n_pending else self.logits[b][None]
             branch_rows = np.concatenate([first, logits[b, n_pending:n_feed]])  # [len(new[b]) + 1, vocab]
             rows.append(branch_rows)
             self.logits[b] = branch_rows[-1]

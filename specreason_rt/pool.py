@@ -212,25 +212,8 @@ class ReasonerPool:
             job = self._queue.get()
             if job is None:
                 return
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            job.started = time.perf_counter()
-            with self._lock:
-                self._running.add(job)
-            try:
-                job.token.check()  # cancelled or timed out while it waited
-                tok = reasoner.bundle.tokenizers["verifier"]
-                job.prompt_tokens = len(tok.encode_chat([{"role": "user", "content": job.problem}])
-                                        if reasoner.bundle.models["verifier"].generation.chat_template is not None
-                                        else tok.encode(job.problem))
-                result = reasoner.run(job.problem, job.config, on_step=job.on_step, cancel=job.token)
-            except BaseException as e:  # noqa: BLE001 - every error goes to the caller, the worker lives on
-                job.future.set_exception(e)
-            else:
-                job.future.set_result(result)
-            finally:
-                with self._lock:
-                    self._running.discard(job)
+            if self._start(job, reasoner):
+                self._run_alone(reasoner, job)
 
     def _start(self, job: Job, reasoner: Reasoner) -> bool:
         """Mark a dequeued job running; False if it was cancelled while it waited (its future says so)."""
@@ -311,6 +294,7 @@ class ReasonerPool:
 
     def _run_alone(self, reasoner: Reasoner, job: Job) -> None:
         try:
+            job.token.check()  # cancelled or timed out while it waited
             result = reasoner.run(job.problem, job.config, on_step=job.on_step, cancel=job.token)
         except BaseException as e:  # noqa: BLE001 - every error goes to the caller, the worker lives on
             self._finish(job, e)

@@ -136,18 +136,23 @@ def processed_logprobs(*, logits: np.ndarray, params: SamplingParams,
     logits: [branches, vocab]; history[b]: token ids already in branch b. Returns [branches, vocab] float32.
     For greedy params the distribution is a point mass: 0 at the (lowest-id) argmax, -inf elsewhere.
     """
-    _check_inputs(logits, history)
-    # x: [branches, vocab]. Copied only when the penalty writes into it: the caller's array stays untouched
-    # (the later steps all build new arrays).
-    penalize = params.repetition_penalty != 1.0 and history is not None
-    x = np.array(logits, dtype=np.float32, copy=True) if penalize else np.asarray(logits, dtype=np.float32)
-    # 1. Repetition penalty (also for greedy, as in transformers).
-    _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
+    x = _penalized(logits, params=params, history=history)
     if params.greedy:
         out = np.full_like(x, -np.inf)
         out[np.arange(x.shape[0]), np.argmax(x, axis=-1)] = 0.0
         return out
     return log_softmax(_warp(x, params)).astype(np.float32, copy=False)
+
+
+def _penalized(logits: np.ndarray, *, params: SamplingParams, history: list[np.ndarray] | None) -> np.ndarray:
+    """Checked float32 logits [branches, vocab] with 1. the repetition penalty applied (also for greedy, as in
+    transformers). Copied only when the penalty writes into them: the caller's array stays untouched."""
+    _check_inputs(logits, history)
+    if params.repetition_penalty == 1.0 or history is None:
+        return np.asarray(logits, dtype=np.float32)
+    x = np.array(logits, dtype=np.float32, copy=True)
+    _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
+    return x
 
 
 def _warp(x: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -212,20 +217,11 @@ def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generat
     batch keep their own streams: a request samples the same tokens batched or alone).
     """
     rows = np.arange(logits.shape[0])
+    x = _penalized(logits, params=params, history=history)  # [branches, vocab]
     if params.greedy:
-        # The point mass of processed_logprobs sits at this argmax: skip building it.
-        _check_inputs(logits, history)
-        x = logits
-        if params.repetition_penalty != 1.0 and history is not None:
-            x = np.array(logits, dtype=np.float32, copy=True)
-            _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
-        tokens = np.argmax(x, axis=-1)
+        tokens = np.argmax(x, axis=-1)  # where processed_logprobs puts its point mass, without building it
     else:
         # The draw needs the warped distribution only up to a constant: exp(z - max z), no normalisation.
-        _check_inputs(logits, history)
-        penalize = params.repetition_penalty != 1.0 and history is not None
-        x = np.array(logits, dtype=np.float32, copy=True) if penalize else np.asarray(logits, dtype=np.float32)
-        _apply_repetition_penalty(x, penalty=params.repetition_penalty, history=history)
         z = _warp(x, params)  # [branches, vocab]
         probs = np.exp(z - z.max(axis=-1, keepdims=True))  # float32 (vectorised); exactly 0 for removed tokens
         if isinstance(rng, np.random.Generator):

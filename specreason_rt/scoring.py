@@ -107,7 +107,7 @@ class StepScorer:
         return rows, [np.concatenate(x) if x else np.zeros(0, np.float32) for x in logps], \
             [np.concatenate(x) if x else np.zeros(0, np.float32) for x in heads]
 
-    def _judge(self, ctx: Context, span_lengths: Sequence[int], rows: list[np.ndarray]) -> np.ndarray:
+    def _judge(self, ctx: Context, rows: list[np.ndarray]) -> np.ndarray:
         """Append the judge prompt, read each branch's digit logits, then drop the prompt from the cache."""
         before = [len(t) for t in ctx.tokens]
         after_span = [r[-1].copy() for r in rows]  # [vocab] each: the logits after the span, kept for later
@@ -130,7 +130,7 @@ class StepScorer:
             raise ConfigError(f"steps to score must have 1..{CHUNK} tokens; lower limits.max_step_tokens")
         rows, logps, heads = self._append_scored(ctx, spans)
         if self.config.mode == "judge":
-            scores = self._judge(ctx, [len(s) for s in spans], rows)
+            scores = self._judge(ctx, rows)
         elif self.config.mode == "head":
             scores = np.array([SCALE_MAX * float(h[-1]) if len(h) else np.nan for h in heads])
         else:
@@ -145,7 +145,7 @@ class StepScorer:
             raise ConfigError("a trajectory to score is empty")
         rows, logps, heads = self._append_scored(ctx, spans)
         if self.config.mode == "judge":
-            return self._judge(ctx, [len(s) for s in spans], rows)
+            return self._judge(ctx, rows)
         out = np.zeros(len(spans))
         for b, branch in enumerate(steps):
             ends = np.cumsum([len(s) for s in branch])  # step b ends after token ends[i] - 1

@@ -28,7 +28,7 @@ from ..context import Context
 from ..tokenizer import StepDetector
 from ..trace import Candidate, RunResult, StepTrace
 from .common import Run, Trajectory
-from .stepwise import _greedy_prefix
+from .stepwise import _greedy_prefix, _replay
 
 
 def batch_key(config: ReasonConfig) -> tuple[Any, ...] | None:
@@ -136,7 +136,7 @@ class StepwiseBatch:
         writes = [i not in failed and not accepted[i] for i in range(n)]
         reuse: list[list[int]] = [[] for _ in range(n)]
         detectors = [StepDetector(tokenizer=v_tok) for _ in range(n)]
-        complete = [False] * n
+        complete = [""] * n  # "step" / "eos" where the reused prefix already is the whole step
         for i, lane in enumerate(lanes):
             if not writes[i] or not drafting[i]:
                 continue
@@ -146,9 +146,7 @@ class StepwiseBatch:
                 reuse[i] = spans[i][:_greedy_prefix(scored.rows[i], spans[i])]
             spec.truncate(i, length=spec_len[i], logits=spec_logits[i])
             ver.truncate(i, length=ver_len[i] + len(reuse[i]), logits=scored.rows[i][len(reuse[i])])
-            for t in reuse[i]:
-                complete[i] = detectors[i].push(t) or t in eos
-            complete[i] = bool(reuse[i]) and complete[i]
+            complete[i] = _replay(detectors[i], reuse[i], eos)
         decoding = [writes[i] and not complete[i] for i in range(n)]
         outs = None
         if any(decoding):
@@ -176,7 +174,7 @@ class StepwiseBatch:
                 tokens, text, author, out_finish = drafts[i].tokens, drafts[i].text, "speculator", drafts[i].finish
             else:
                 if complete[i]:
-                    tokens, out_finish = reuse[i], "eos" if reuse[i][-1] in eos else "step"
+                    tokens, out_finish = reuse[i], complete[i]
                 else:
                     assert outs is not None
                     run.tokens["verifier"] += len(outs[i].tokens)

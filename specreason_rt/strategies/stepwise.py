@@ -14,6 +14,7 @@ The first `first_n_steps_verifier` steps are written by the verifier without dra
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import numpy as np
 
@@ -28,6 +29,16 @@ def _greedy_prefix(rows: np.ndarray, span: list[int]) -> int:
         return 0
     match = np.argmax(rows[:len(span)], axis=-1) == np.asarray(span)  # [len(span)]
     return len(span) if match.all() else int(np.argmin(match))
+
+
+def _replay(detector: StepDetector, span: list[int], eos: Collection[int]) -> str:
+    """Feed a reused draft prefix to the verifier's step detector: "step" / "eos" when the prefix already is a
+    whole step (the verifier would have written exactly it), else "" (the verifier decodes the rest)."""
+    finish = ""
+    for t in span:
+        step_done = detector.push(t)
+        finish = "eos" if t in eos else "step" if step_done else ""
+    return finish
 
 
 def run_stepwise(run: Run) -> RunResult:
@@ -92,15 +103,9 @@ def run_stepwise(run: Run) -> RunResult:
                         ver.gather([keep])
                     after = scored.rows[keep][len(reuse_span)]  # row 0: the logits before the draft
                     ver.truncate(0, length=ver_len + len(reuse_span), logits=after)
-                done = False
-                out_finish = ""
-                for t in reuse_span:
-                    done = detector.push(t) or t in ver.model.generation.eos_ids
-                if reuse_span and done:
-                    # The whole draft is what the verifier would have written: the step is complete.
-                    tokens, out_finish = reuse_span, ("eos" if reuse_span[-1] in ver.model.generation.eos_ids
-                                                      else "step")
-                    ver.pending[0] = []
+                out_finish = _replay(detector, reuse_span, ver.model.generation.eos_ids)
+                if out_finish:
+                    tokens = reuse_span  # the whole draft is what the verifier would have written
                 else:
                     out = ver.decode_steps(params=v_params, rng=run.rng["verifier"],
                                            max_tokens=max(budget - len(reuse_span), 1), detectors=[detector])[0]
