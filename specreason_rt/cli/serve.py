@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from .serve.app import create_app
-        from .serve.runner import serve_forever
-        from .serve.schema import Limits
+        from ..serve.app import create_app
+        from ..serve.runner import serve_forever
+        from ..serve.schema import Limits
     except ImportError as e:
         raise ConfigError(str(e)) from None
-    from .cli import provider_config
-    from .pool import ReasonerPool
+    from ..pool import ReasonerPool
+    from .common import provider_config
 
     api_key = args.api_key or os.environ.get("SPECREASON_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -62,7 +62,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--graceful", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (SIGINT/SIGTERM)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per worker (0: auto)")
-    from .cli import add_provider_arguments  # cli.py imports this module first, so this import is complete
+    from .common import add_provider_arguments
 
     add_provider_arguments(p)
     p.set_defaults(func=_serve)

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, STRATEGIES, ReasonConfig, make_config
-from .errors import ConfigError
+from ..config import PRESETS, STRATEGIES, ReasonConfig, make_config
+from ..errors import ConfigError
+from .common import add_provider_arguments, provider_config
 
 
 def _value(text: str) -> Any:
@@ -34,8 +35,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _reasoner(args: argparse.Namespace):  # noqa: ANN202 - the import stays lazy
-    from .cli import provider_config
-    from .reasoner import Reasoner
+    from ..reasoner import Reasoner
 
     return Reasoner(args.bundle, providers=provider_config(args), intra_op_threads=args.threads)
 
@@ -89,7 +89,7 @@ def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonCo
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, plot, read_problems, table
+    from ..evaluate import evaluate, plot, read_problems, table
 
     problems = read_problems(args.problems, limit=args.limit)
     if args.plot:
@@ -147,8 +147,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="one seed for the run (each model has its own stream)")
     p.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads (0: auto = 1 for models under 10M parameters, else all cores)")
-    from .cli import add_provider_arguments  # cli.py imports this module first, so this import is complete
-
     add_provider_arguments(p)
 
 
