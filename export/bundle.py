@@ -1,7 +1,8 @@
 """Write a bundle: export, quantize, validate and describe each model, then publish atomically.
 
 Everything is written into a temporary sibling directory of the output and renamed into place only when
-every model has passed validation, so an interrupted or failed export never leaves a partial bundle.
+every model has passed validation, so an interrupted or failed export never leaves a partial bundle
+(the rules for --out, --force, concurrent exports and clean-up are in export/publish.py).
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ import dataclasses
 import datetime as dt
 import errno
 import json
-import os
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ from .errors import ExportError
 from .graph import ATTENTION_VARIANTS
 from .onnx_export import EXTERNAL_DATA_BYTES, GQA_HEAD_DIM_MULTIPLE, KV_NAMES, export_onnx
 from .progress import Progress
+from .publish import TEMP_MARK, OutputSlot
 from .quantize import quantize
-from .sources import Source, load_source
+from .sources import HubOptions, Source, SourceRef, load_source, peek_family, resolve_source
 from .trt import TrtOptions, build_engines, require_tensorrt
 from .validate import DEFAULT_TOLERANCES, Tolerance, validate
 
@@ -60,6 +60,7 @@ class ExportOptions:
     show_progress: bool = True
     value_head: str = "auto"  # a head file for the verifier, "none", or "auto": the built-in verifier's own head
     trt: TrtOptions | None = None  # also build TensorRT engines (export/trt.py); forces plain attention
+    hub: HubOptions = HubOptions()  # --revision, --cache-dir, --token for hub ids
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -245,31 +246,58 @@ def _check_free_space(parent: Path, sources: list[Source], precision: str) -> No
                           f"{free >> 20} MiB are free; free some space or pass another --out")
 
 
+def _record_files(tmp: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """Hash and size of every file of the finished bundle (the manifest is written after)."""
+    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != TEMP_MARK]
+    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in paths}
+    sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in paths}
+    return files, sizes
+
+
 def write_bundle(opts: ExportOptions) -> Manifest:
-    """Export both roles into opts.out; raise ExportError (leaving nothing behind) on any problem."""
-    out = opts.out.expanduser().absolute()
-    if out.exists() and not opts.force:
-        raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out.parent} does not exist; create it or choose another --out")
+    """Export both roles into opts.out; raise ExportError (leaving nothing behind) on any problem.
+
+    Order (fail fast): both source arguments and their families (config.json / GGUF header only), TensorRT
+    when asked, then --out (lock, --force rules, writability: export/publish.py), and only then the models.
+    """
+    refs = {role: resolve_source(getattr(opts, role)) for role in ROLES}
+    for ref in dict.fromkeys(refs.values()):
+        peek_family(ref, hub=opts.hub)
     if opts.trt is not None:
         require_tensorrt()  # before minutes of export: without TensorRT, --trt fails here with the install line
+    with OutputSlot(out=opts.out, force=opts.force) as slot:
+        return _write(opts=opts, refs=refs, slot=slot)
+
+
+def _write(*, opts: ExportOptions, refs: dict[str, SourceRef], slot: OutputSlot) -> Manifest:
+    # One source in both roles is loaded, exported and validated once; both roles name the one graph
+    # (unless the verifier carries a value head, which makes its graph differ).
     progress = Progress(total=2 + 2 * (3 if opts.precision != "fp32" else 2) + 1 + (2 if opts.trt else 0),
                         enabled=opts.show_progress)
     sources: dict[str, Source] = {}
-    for role, spec in (("speculator", opts.speculator), ("verifier", opts.verifier)):
-        with progress.stage(f"{role}: load {spec}"):
-            # The same source for both roles (a self-speculation smoke test) is loaded once.
-            same = [s for r, s in sources.items() if getattr(opts, r) == spec]
-            sources[role] = same[0] if same else load_source(spec)
-    _check_free_space(out.parent, list(sources.values()), opts.precision)
+    for role in ROLES:
+        with progress.stage(f"{role}: load {refs[role].ident}"):
+            same = [sources[r] for r in sources if refs[r] == refs[role]]
+            sources[role] = same[0] if same else load_source(refs[role], hub=opts.hub, progress=progress)
+    unique = list({id(s): s for s in sources.values()}.values())
+    _check_free_space(slot.out.parent, unique, opts.precision)
     head = _value_head(opts.value_head, sources["verifier"])  # checked before anything is written
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    shared_graph = refs["speculator"] == refs["verifier"] and head is None
+    if shared_graph:
+        progress.total -= 2 if opts.precision == "fp32" else 3
+    tmp = slot.tmp
     try:
-        entries = {role: _export_role(role=role, src=sources[role], tmp=tmp, opts=opts, progress=progress,
-                                      value_head=head if role == "verifier" else None)
-                   for role in ROLES}
+        entries: dict[str, ModelEntry] = {}
+        for role in ("verifier", "speculator"):
+            if role == "speculator" and shared_graph:
+                progress.info("speculator: the same source as the verifier; the verifier's graph is stored once")
+                (tmp / role).mkdir()
+                sources[role].tokenizer.save_pretrained(str(tmp / role))
+                entries[role] = dataclasses.replace(entries["verifier"], role=role, tokenizer=f"{role}/tokenizer.json")
+                continue
+            entries[role] = _export_role(role=role, src=sources[role], tmp=tmp, opts=opts, progress=progress,
+                                         value_head=head if role == "verifier" else None)
+        entries = {role: entries[role] for role in ROLES}
         engines = ({} if opts.trt is None else
                    build_engines(bundle_dir=tmp, entries=entries, options=opts.trt, progress=progress))
         with progress.stage("write manifest and publish the bundle"):
@@ -277,33 +305,17 @@ def write_bundle(opts: ExportOptions) -> Manifest:
                       == _tokenizer_signature(tmp / entries["verifier"].tokenizer))
             if not shared:
                 progress.info("speculator and verifier tokenize differently: the runtime will hand text across")
-            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files, sizes = _record_files(tmp)
             manifest = Manifest(
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 precision=opts.precision, tokenizers_shared=shared, tools=_tool_versions(), files=files,
-                models=entries, engines=engines,
+                models=entries, engines=engines, sizes=sizes,
             )
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-            _publish(tmp, out)
+            slot.publish()
         return manifest
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise ExportError(f"no space left on the device while writing the bundle under {out.parent}; "
+            raise ExportError(f"no space left on the device while writing the bundle under {slot.out.parent}; "
                               "free some space or pass another --out (nothing was written)") from e
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to `out`, replacing an old bundle only at the very end."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", choices=["auto", "gqa", "plain"],
                    help="gqa: ONNX Runtime's GroupQueryAttention with an in-place KV cache (fastest on ORT); "
                         "plain: standard ONNX ops only (TensorRT); auto (default): gqa where the head size allows")
-    p.add_argument("--force", action="store_true", help="replace DIR if it exists (only once the new bundle is done)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DIR if it is a bundle (only once the new bundle is done; never a non-bundle folder)")
     p.add_argument("--step-delimiter", default="\n\n", metavar="TEXT",
                    help=r"text that ends a reasoning step, recorded in the manifest (default: a blank line, '\n\n')")
     p.add_argument("--decode-steps", type=int, default=8, metavar="N",
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value head put in the verifier's graph (output `value`): a file from "
                         "python -m specreason_models.value_head, or none (default: the built-in verifier's own head)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    hub = p.add_argument_group("hub ids (org/name)")
+    hub.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of hub ids (default main)")
+    hub.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                     help="hub download cache (default: the hub client's, $HF_HOME)")
+    hub.add_argument("--token", default=None, metavar="TOKEN",
+                     help="hub access token for private or gated models (default: $HF_TOKEN or the stored login)")
     trt = p.add_argument_group("TensorRT engines (NVIDIA GPU; pip install 'specreason-rt[trt]', see runtime/README.md)")
     trt.add_argument("--trt", action="store_true",
                      help="also build one TensorRT engine per model (forces --attention plain; --precision fp16 "
@@ -136,21 +143,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specreason-export: error: missing export dependency ({e.name}); install it with "
               "pip install 'specreason-rt[export]'", file=sys.stderr)
         return 2
-    delimiter = args.step_delimiter.encode().decode("unicode_escape")  # let users type \n\n on a shell
+    from .publish import interrupts_clean_up
+    from .sources import HubOptions
+
     try:
-        opts = ExportOptions(speculator=args.speculator, verifier=args.verifier, out=args.out,
+        delimiter = args.step_delimiter.encode().decode("unicode_escape")  # let users type \n\n on a shell
+    except UnicodeDecodeError as e:
+        print(f"specreason-export: error: --step-delimiter {args.step_delimiter!r} has a bad escape ({e.reason})",
+              file=sys.stderr)
+        return 1
+    try:
+        hub = HubOptions(revision=args.revision, cache_dir=args.cache_dir, token=args.token)
+        opts = ExportOptions(hub=hub, speculator=args.speculator, verifier=args.verifier, out=args.out,
                              precision="fp32" if args.precision == "fp16" else args.precision, trt=trt_opts,
                              force=args.force, step_delimiter=delimiter,
                              attention=args.attention,
                              decode_steps=args.decode_steps, max_logit_diff=args.max_logit_diff,
                              min_agreement=args.min_agreement, show_progress=not args.quiet,
                              value_head=args.value_head)
-        manifest = write_bundle(opts)
+        with interrupts_clean_up():  # SIGTERM / SIGHUP clean up like Ctrl-C
+            manifest = write_bundle(opts)
     except ExportError as e:
         print(f"specreason-export: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("specreason-export: interrupted; no bundle was written", file=sys.stderr)
+        print("specreason-export: interrupted; no bundle was written (an existing one is unchanged)", file=sys.stderr)
         return 130
     print(f"wrote {opts.out} ({manifest.precision}):")
     for role, entry in manifest.models.items():

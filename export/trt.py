@@ -280,11 +280,11 @@ def rebuild_engines(*, bundle: Path, options: TrtOptions, show_progress: bool = 
     progress = Progress(total=len(manifest.models), enabled=show_progress)
     engines = build_engines(bundle_dir=bundle, entries=manifest.models, options=options, progress=progress,
                             previous=manifest.engines)
-    files = dict(manifest.files)
+    files, sizes = dict(manifest.files), dict(manifest.sizes)
     for facts in engines.values():
         for rel in (facts.file, facts.timing_cache):
-            files[rel] = sha256_file(bundle / rel)
-    updated = dataclasses.replace(manifest, files=files, engines=engines)
+            files[rel], sizes[rel] = sha256_file(bundle / rel), (bundle / rel).stat().st_size
+    updated = dataclasses.replace(manifest, files=files, sizes=sizes, engines=engines)
     tmp = bundle / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(updated.to_json(), indent=2) + "\n")
     os.replace(tmp, bundle / MANIFEST_NAME)

@@ -8,7 +8,9 @@ A *bundle* is a directory::
     verifier/...            (same layout)
 
 `manifest.json` (schema "specreason-bundle", `schema_version` 1) holds everything the runtime must not
-guess. Top level:
+guess. Its JSON Schema is `manifest_schema.MANIFEST_SCHEMA`; facts relating fields to each other are checked
+in manifest_checks.py, paths and files in bundle_files.py (relative, inside the bundle, every file listed).
+Several roles may name the same file (one graph stored once when both roles come from one source). Top level:
 
     schema, schema_version   "specreason-bundle", 1
     created                  UTC ISO-8601 time of the export
@@ -17,6 +19,8 @@ guess. Top level:
                              runtime must hand text (not token ids) from one model to the other
     tools                    versions of the tools that wrote the bundle
     files                    {relative path: "sha256:<hex>"} for every file in the bundle but the manifest
+    sizes                    {relative path: bytes} for the same files (optional: older bundles lack it, their
+                             files are re-hashed at load); the cheap integrity check at load (bundle_files.py)
     models                   {"speculator": ModelEntry, "verifier": ModelEntry}
     engines                  optional (absent in bundles without TensorRT engines): {role: EngineFacts}
 
@@ -77,19 +81,22 @@ t <= past_tokens + j, so branches of different lengths share a batch (holes are 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
+from .bundle_files import MANIFEST_NAME, Integrity, check_files, confined, sha256_file
 from .errors import BundleError
+from .manifest_checks import check_consistency
+from .manifest_schema import parse_manifest
+
+__all__ = ["MANIFEST_NAME", "Architecture", "EngineFacts", "Generation", "Integrity", "Manifest", "ModelEntry",
+           "load_manifest", "sha256_file"]
 
 SCHEMA = "specreason-bundle"
 SCHEMA_VERSION = 1
 ROLES = ("speculator", "verifier")
 PRECISIONS = ("fp32", "int8", "int4")
 ENGINE_PRECISIONS = ("fp32", "fp16")  # TensorRT engines (the ONNX beside them stays fp32)
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +147,9 @@ class ModelEntry:
     @staticmethod
     def from_json(data: dict[str, Any]) -> ModelEntry:
         data = dict(data)
-        data["architecture"] = Architecture(**data["architecture"])
+        # Optional architecture facts this runtime has no field for yet are checked by the schema, then left.
+        known = {f.name for f in dataclasses.fields(Architecture)}
+        data["architecture"] = Architecture(**{k: v for k, v in data["architecture"].items() if k in known})
         gen = dict(data["generation"])
         gen["eos_ids"] = tuple(gen["eos_ids"])
         data["generation"] = Generation(**gen)
@@ -184,6 +193,7 @@ class Manifest:
     files: dict[str, str]
     models: dict[str, ModelEntry]
     engines: dict[str, EngineFacts] = dataclasses.field(default_factory=dict)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # {relative path: bytes}; older bundles: {}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -195,62 +205,35 @@ class Manifest:
             "tools": self.tools,
             "files": self.files,
             "models": {role: entry.to_json() for role, entry in self.models.items()},
+            **({"sizes": self.sizes} if self.sizes else {}),
             **({"engines": {role: f.to_json() for role, f in self.engines.items()}} if self.engines else {}),
         }
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+def load_manifest(bundle_dir: str | Path, *, integrity: Integrity = "sizes") -> Manifest:
+    """Read and check a bundle's manifest; raise BundleError naming the first problem found.
 
-
-def load_manifest(bundle_dir: str | Path, *, check_hashes: bool = True) -> Manifest:
-    """Read and check a bundle's manifest; raise BundleError naming the first problem found."""
+    Order matters: the manifest is parsed with bounds and checked against its schema and against itself,
+    and every path in it is confined to the bundle, before any other file is opened. `integrity` is how
+    hard the listed files are checked: "sizes" (cheap, the default) or "full" (re-hash; bundle_files.py).
+    """
     bundle = Path(bundle_dir)
-    path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"{bundle} is not a directory: pass the folder written by specreason-export")
+    path = bundle / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST_NAME}: is it a bundle written by specreason-export?")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e}); re-export the bundle") from e
-    if data.get("schema") != SCHEMA:
-        raise BundleError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA!r}")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(
-            f"{path}: schema_version {data.get('schema_version')!r} is not supported by this runtime "
-            f"(it reads version {SCHEMA_VERSION}); re-export the bundle with a matching specreason-export"
-        )
-    try:
-        models = {role: ModelEntry.from_json(entry) for role, entry in data["models"].items()}
-        manifest = Manifest(
-            created=data["created"],
-            precision=data["precision"],
-            tokenizers_shared=bool(data["tokenizers_shared"]),
-            tools=dict(data["tools"]),
-            files=dict(data["files"]),
-            models=models,
-            engines={role: EngineFacts.from_json(f) for role, f in data.get("engines", {}).items()},
-        )
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle") from e
-    missing_roles = [r for r in ROLES if r not in models]
-    if missing_roles:
-        raise BundleError(f"{path}: no entry for {', '.join(missing_roles)}")
-    for role, facts in manifest.engines.items():
-        if role not in models or facts.file not in manifest.files:
-            raise BundleError(f"{path}: the engine for {role!r} ({facts.file}) has no model entry or no file hash; "
-                              "rebuild the engines with specreason-export --engines-only")
-    for rel, digest in manifest.files.items():
-        f = bundle / rel
-        if not f.is_file():
-            raise BundleError(f"bundle file {rel} listed in the manifest is missing from {bundle}")
-        if check_hashes and sha256_file(f) != digest:
-            raise BundleError(f"bundle file {rel} does not match its hash in the manifest: it was changed "
-                              "or corrupted after export; re-export the bundle")
+    confined(bundle, MANIFEST_NAME, what="the manifest")
+    data = parse_manifest(path)
+    models = {role: ModelEntry.from_json(data["models"][role]) for role in ROLES}
+    manifest = Manifest(
+        created=data["created"], precision=data["precision"], tokenizers_shared=data["tokenizers_shared"],
+        tools=dict(data["tools"]), files=dict(data["files"]), models=models,
+        engines={role: EngineFacts.from_json(f) for role, f in data.get("engines", {}).items()},
+        sizes=dict(data.get("sizes", {})),
+    )
+    problem = check_consistency(manifest)
+    if problem:
+        raise BundleError(f"{path}: {problem}; fix it or re-export the bundle")
+    check_files(bundle, files=manifest.files, sizes=manifest.sizes, integrity=integrity)
     return manifest

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -27,6 +27,31 @@ from .trt_engine import TrtEngine
 # intra_op_threads=0 ("auto") gives models below this size one thread: their ops are too small to split, and
 # on the built-in pair (0.1M / 0.8M parameters) one thread ran a stepwise eval 1.6x faster than two.
 SMALL_MODEL_PARAMETERS = 10_000_000
+
+
+# ONNX Runtime's type names for the manifest's dtypes.
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+             "int64": "tensor(int64)", "int32": "tensor(int32)", "int8": "tensor(int8)", "uint8": "tensor(uint8)",
+             "bool": "tensor(bool)"}
+
+
+def check_graph_io(*, session: Any, entry: ModelEntry) -> None:
+    """The graph's own IO (names, dtypes, fixed dims) must be the manifest's: the numbers the runtime sizes
+    buffers from (kv_heads, head_dim, vocabulary, layer count) are thereby the graph's, not just the manifest's."""
+    graph = {a.name: a for a in [*session.get_inputs(), *session.get_outputs()]}
+    listed = {t["name"]: t for t in [*entry.io["inputs"], *entry.io["outputs"]]}
+    if set(graph) != set(listed):
+        raise BundleError(f"{entry.file}: the graph's tensors {sorted(set(graph) - set(listed))[:4]} are not in the "
+                          f"manifest and the manifest's {sorted(set(listed) - set(graph))[:4]} are not in the graph; "
+                          "re-export the bundle")
+    for name, t in listed.items():
+        arg = graph[name]
+        shape = list(arg.shape) if arg.shape is not None else None
+        fixed_differs = shape is not None and (len(shape) != len(t["shape"]) or any(
+            (isinstance(a, int) or isinstance(b, int)) and a != b for a, b in zip(shape, t["shape"], strict=True)))
+        if ORT_TYPES[t["dtype"]] != arg.type or fixed_differs:
+            raise BundleError(f"{entry.file}: tensor {name} is {arg.type} {shape} in the graph but "
+                              f"{t['dtype']} {t['shape']} in the manifest; re-export the bundle")
 
 
 class RoleModel:
@@ -47,8 +72,16 @@ class RoleModel:
             specs = providers.ort_providers(entry=entry) if isinstance(providers, ProviderConfig) else providers
             if intra_op_threads == 0 and self.arch.parameters < SMALL_MODEL_PARAMETERS:
                 intra_op_threads = 1
-            self.engine = OrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, providers=specs,
-                                                intra_op_threads=intra_op_threads, spin=spin)
+            try:
+                self.engine = OrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, providers=specs,
+                                                    intra_op_threads=intra_op_threads, spin=spin)
+            except (BundleError, ConfigError):
+                raise
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types (Fail, InvalidProtobuf, ...)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise BundleError(f"{entry.file}: ONNX Runtime cannot load this graph ({first}); the file is "
+                                  "truncated or not a graph of this bundle: re-export the bundle") from e
+            check_graph_io(session=self.engine.session, entry=entry)
         if isinstance(self.engine, OrtEngine) and (entry.value_head is not None) != self.engine.has_value:
             raise BundleError(f"{entry.file}: the manifest {'lists' if entry.value_head else 'has no'} value head but "
                               f"the graph {'lacks' if entry.value_head else 'has'} the output `value`; "

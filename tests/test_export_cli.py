@@ -148,17 +148,18 @@ def test_unsupported_architecture(tmp_path: Path, capsys) -> None:
     assert_nothing_written(out)
 
 
-def test_existing_output_needs_force(tmp_path: Path, capsys, tiny_llama_dir: Path) -> None:
+def test_existing_output_needs_force(tmp_path: Path, capsys, tiny_llama_dir: Path, tiny_bundle: Path) -> None:
     out = tmp_path / "b"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    shutil.copytree(tiny_bundle, out)
+    old_created = read_manifest(out)["created"]
+    (out / "manifest.json").write_text((out / "manifest.json").read_text().replace(old_created, "old"))
     args = ["--speculator", str(tiny_llama_dir), "--verifier", str(tiny_llama_dir), "--out", str(out)]
     code, err = run_export(capsys, *args)
     assert_one_line_error(code, err, "already exists", "--force")
-    assert (out / "keep.txt").read_text() == "mine"  # untouched
+    assert read_manifest(out)["created"] == "old"  # untouched
     code, err = run_export(capsys, *args, "--force")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert read_manifest(out)["created"] != "old"  # replaced by the new bundle
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
