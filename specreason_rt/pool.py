@@ -73,10 +73,11 @@ class Job:
     """One submitted run: a future of its RunResult, its cancel token and timing facts."""
 
     def __init__(self, *, prompt: Prompt, config: ReasonConfig, on_step: Callable[[StepTrace], None] | None,
-                 on_token: Callable[[TokenDelta], None] | None, timeout: float | None) -> None:
+                 on_token: Callable[[TokenDelta], None] | None, timeout: float | None,
+                 slack: float = DEADLINE_SLACK_S) -> None:
         self.prompt, self.config, self.on_step, self.on_token = prompt, config, on_step, on_token
         self.token = CancelToken(timeout=timeout)
-        self.deadline = None if timeout is None else time.monotonic() + timeout + DEADLINE_SLACK_S
+        self.deadline = None if timeout is None else time.monotonic() + timeout + slack
         self.future: Future[RunResult] = Future()
         self.submitted = time.perf_counter()
         self.started: float | None = None
@@ -122,12 +123,16 @@ class Job:
 class ReasonerPool:
     def __init__(self, bundle: str | Path, *, workers: int = 1, queue_size: int = 64,
                  providers: Sequence[ProviderSpec] | ProviderConfig | None = None, intra_op_threads: int = 0,
-                 kv_limit_bytes: int | None = None, max_batch: int = 1) -> None:
-        """kv_limit_bytes: the most one KV cache may take (None: default_kv_limit_bytes split among workers)."""
+                 kv_limit_bytes: int | None = None, max_batch: int = 1,
+                 deadline_slack_s: float = DEADLINE_SLACK_S) -> None:
+        """kv_limit_bytes: the most one KV cache may take (None: default_kv_limit_bytes split among workers).
+        deadline_slack_s: how long past a job's timeout its waiters give up on a worker that did not stop."""
         for name, value in (("workers", workers), ("queue_size", queue_size), ("max_batch", max_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        self.max_batch = max_batch
+        if not (isinstance(deadline_slack_s, int | float) and 0 < deadline_slack_s < float("inf")):
+            raise ConfigError(f"deadline_slack_s must be a number of seconds > 0, got {deadline_slack_s!r}")
+        self.max_batch, self.deadline_slack_s = max_batch, deadline_slack_s
         limit = kv_limit_bytes if kv_limit_bytes is not None else default_kv_limit_bytes(share=workers)
         # One Reasoner (its own engines and KV buffers) per worker: loading is done once, here.
         self.reasoners = [Reasoner(bundle, providers=providers, intra_op_threads=intra_op_threads,
@@ -184,7 +189,7 @@ class ReasonerPool:
         if config is not None and not isinstance(config, ReasonConfig):
             raise ConfigError(f"config must be a ReasonConfig (see make_config), got {type(config).__name__}")
         job = Job(prompt=prompt, config=config or ReasonConfig(), on_step=on_step, on_token=on_token,
-                  timeout=timeout)
+                  timeout=timeout, slack=self.deadline_slack_s)
         with self._lock:  # so that close() cannot slip between the check and the put
             if self._closed:
                 raise PoolClosed("the reasoner pool is shutting down: retry on another instance")
