@@ -31,6 +31,12 @@ SCORE_MODES = ("likelihood", "judge", "head")
 SCORE_METHODS = ("greedy", "average")
 ANSWER_FORMATS = ("answer_line", "boxed")
 SCALE_MAX = 9  # scores live on the paper's 0-9 scale
+# Hard bounds, far past any useful run, so that a typo cannot ask for terabytes: the branches one run holds at
+# once (n_specs, candidates, beam_width^2), steps per trajectory or tree level, and tokens of a solution. The KV
+# memory limit (reasoner.py) is the finer bound; these refuse the absurd before anything is allocated.
+MAX_BRANCHES = 1024
+MAX_DEPTH = 1024
+MAX_TOKENS = 1 << 20
 
 # A judge instruction after the paper's (arXiv 2504.07891: rate the latest step's correctness on a 0-9 scale;
 # our wording), appended after the step being judged; the score is read from the verifier's logits of the ten
@@ -59,9 +65,10 @@ class SearchConfig:
     majority_model: str = "speculator"  # which model samples the majority vote
 
     def __post_init__(self) -> None:
-        for name in ("n_specs", "max_depth", "beam_width", "tree_depth"):
+        for name, most in (("n_specs", MAX_BRANCHES), ("max_depth", MAX_DEPTH),
+                           ("beam_width", math.isqrt(MAX_BRANCHES)), ("tree_depth", MAX_DEPTH)):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+            _check(_is_int(value) and 1 <= value <= most, f"{name} must be an integer in [1, {most}], got {value!r}")
         _check(self.majority_model in ("speculator", "verifier"),
                f"majority_model must be 'speculator' or 'verifier', got {self.majority_model!r}")
 
@@ -80,8 +87,8 @@ class StepwiseConfig:
         _check(isinstance(self.threshold, int | float) and math.isfinite(self.threshold) and self.threshold >= 0,
                f"threshold must be a number >= 0 on the 0-{SCALE_MAX} scale (above {SCALE_MAX} rejects every "
                f"draft), got {self.threshold!r}")
-        _check(_is_int(self.candidates) and self.candidates >= 1,
-               f"candidates must be an integer >= 1, got {self.candidates!r}")
+        _check(_is_int(self.candidates) and 1 <= self.candidates <= MAX_BRANCHES,
+               f"candidates must be an integer in [1, {MAX_BRANCHES}], got {self.candidates!r}")
         _check(_is_int(self.first_n_steps_verifier) and self.first_n_steps_verifier >= 0,
                f"first_n_steps_verifier must be an integer >= 0, got {self.first_n_steps_verifier!r}")
 
@@ -118,7 +125,8 @@ class LimitsConfig:
     def __post_init__(self) -> None:
         for name in ("max_tokens", "max_step_tokens"):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+            _check(_is_int(value) and 1 <= value <= MAX_TOKENS,
+                   f"{name} must be an integer in [1, {MAX_TOKENS}], got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ branch has nothing pending; `decode_steps` flushes first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -143,12 +143,12 @@ class Context:
     def decode_steps(self, *, params: SamplingParams, rng: np.random.Generator | Sequence[np.random.Generator],
                      max_tokens: int | Sequence[int], stop_at_step: bool = True,
                      detectors: list[StepDetector] | None = None, active: Sequence[bool] | None = None,
-                     ) -> list[BranchOutput]:
+                     on_token: Callable[[int, int], None] | None = None) -> list[BranchOutput]:
         """Sample every (active) branch until its step ends (or eos / max_tokens); the tokens join the branches.
 
         The last token of each branch becomes pending. detectors: per-branch step detectors that already hold
         the step's first tokens (when those were appended another way), so a delimiter across them is found.
-        rng / max_tokens per branch and active: see decode().
+        rng / max_tokens per branch, active and on_token(branch, token): see decode().
         """
         self.flush()
         if self.cancel is not None:
@@ -156,7 +156,7 @@ class Context:
         history = [list(t) for t in self.tokens] if params.repetition_penalty != 1.0 else None
         outs = decode(model=self.model, tokenizer=self.tokenizer, cache=self.cache, logits=self.logits,
                       params=params, rng=rng, max_tokens=max_tokens, stop_at_step=stop_at_step, history=history,
-                      detectors=detectors, active=active)
+                      detectors=detectors, active=active, on_token=on_token)
         self.forwards += max(max(len(o.tokens) for o in outs) - 1, 0)
         for b, out in enumerate(outs):
             if out.tokens:

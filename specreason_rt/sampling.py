@@ -11,9 +11,11 @@ Terms used below:
                       model's own probability, which scoring uses as local confidence (it does not depend on
                       the sampling knobs).
 
-Greedy decoding is temperature 0: the argmax of the penalised logits; top-k, top-p and min-p are ignored
-because they never remove the argmax. Ties (equal logits) always go to the lowest token id, so every result
-is reproducible: greedy picks the lowest id among the maxima, and top-k / top-p keep lower ids first.
+Greedy decoding is temperature 0 (and any temperature below MIN_TEMPERATURE: dividing float32 logits by a
+tinier one overflows to inf and the draw turns into NaN; such a distribution is the argmax anyway): the argmax
+of the penalised logits; top-k, top-p and min-p are ignored because they never remove the argmax. Ties (equal
+logits) always go to the lowest token id, so every result is reproducible: greedy picks the lowest id among
+the maxima, and top-k / top-p keep lower ids first.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import SpecReasonError
+
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (vLLM uses the same epsilon)
 
 
 class SamplingError(SpecReasonError, ValueError):
@@ -41,6 +45,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+                raise SamplingError(f"{name} must be a number, got {value!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
@@ -55,7 +63,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

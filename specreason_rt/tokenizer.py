@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,16 @@ class Tokenizer:
             return str(self._template.render(**variables))
         except jinja2.TemplateError as e:
             raise TokenizerError(f"the chat template rejected the messages: {e}") from e
+
+    def set_chat_template(self, template: str) -> None:
+        """Use `template` instead of the manifest's (a deployment override, e.g. `serve --chat-template`); it is
+        compiled now, so a template that does not compile is refused here."""
+        try:
+            compiled = compile_chat_template(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TokenizerError(f"the chat template does not compile ({e})") from e
+        self.generation = replace(self.generation, chat_template=template)
+        self._template = compiled
 
     def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat; the template supplies the special tokens, so none are added."""

@@ -33,6 +33,17 @@ class StepTrace:
     reused_tokens: int = 0  # fallback steps: draft tokens the verifier kept (its own greedy choices)
 
 
+@dataclass(frozen=True)
+class TokenDelta:
+    """New text of the step being written (token-level streaming): the verifier's tokens as it writes them, an
+    accepted draft's text at once. The deltas of a step add up to a prefix of its StepTrace.text; the StepTrace
+    that follows them commits the step (and carries the rest, if any)."""
+
+    step: int  # index of the step the text belongs to
+    author: str  # "verifier" | "speculator"
+    text: str
+
+
 class Timer:
     """Wall time per phase of a run."""
 
@@ -76,7 +87,21 @@ class RunResult:
         return sum(s.author == "speculator" for s in drafted) / len(drafted)
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """Plain JSON types only (a numpy scalar that slipped into a field is turned into its Python value)."""
+        out = _plain(dataclasses.asdict(self))
         out["speculator_steps"] = self.speculator_steps
         out["acceptance"] = self.acceptance
         return out
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if x is None or isinstance(x, str | int | float | bool):
+        return x
+    item = getattr(x, "item", None)  # numpy scalars (np.bool_, np.float32, ...)
+    if callable(item):
+        return item()
+    raise TypeError(f"{type(x).__name__} in a RunResult is not JSON-serialisable")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from specreason_rt.config import make_config
 from specreason_rt.pool import ReasonerPool
+from specreason_rt.prompt import Prompt
 from specreason_rt.reasoner import Reasoner
 from specreason_rt.serve.app import create_app
 from specreason_rt.serve.runner import ServerThread
@@ -56,8 +57,9 @@ def test_chat_matches_the_in_process_api(client: openai.OpenAI, builtin_bundle: 
 
 
 def test_completions_and_options(client: openai.OpenAI, builtin_bundle: Path) -> None:
-    alone = Reasoner(builtin_bundle).run("76-24*4", make_config(strategy="best_of_n", preset="efficient", seed=2,
-                                                                **{"search.n_specs": 3}))
+    # A completion continues the raw prompt (no chat template).
+    alone = Reasoner(builtin_bundle).run(Prompt.text("76-24*4"), make_config(
+        strategy="best_of_n", preset="efficient", seed=2, **{"search.n_specs": 3}))
     out = client.completions.create(model="specreason", prompt="76-24*4", seed=2,
                                     extra_body={"strategy": "best_of_n", "preset": "efficient", "n_specs": 3})
     assert out.choices[0].text == alone.text
@@ -83,7 +85,11 @@ def test_chat_stream(client: openai.OpenAI, builtin_bundle: Path) -> None:
                                             seed=5, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert deltas == [s.text for s in alone.steps]  # one chunk per committed step
+    assert "".join(deltas) == alone.text
+    ends = [(c.model_extra or {})["specreason"] for c in chunks
+            if c.choices and ((c.model_extra or {}).get("specreason") or {}).get("step_end")]
+    assert [e["step"] for e in ends] == list(range(len(alone.steps)))  # step boundaries are visible
+    assert [e["author"] for e in ends] == [s.author for s in alone.steps]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == sum(s.tokens for s in alone.steps)
 
@@ -101,8 +107,9 @@ def test_models_and_health_and_metrics(client: openai.OpenAI, http: httpx.Client
     health = http.get("/health").json()
     assert health["status"] == "ok" and health["workers"] == 2
     text = http.get("/metrics").text
-    for name in ("specreason_requests_total", "specreason_request_latency_seconds_bucket", "specreason_tokens_total",
-                 "specreason_acceptance_rate", "specreason_queue_depth", "specreason_running"):
+    for name in ("specreason_requests_total", "specreason_request_latency_seconds_bucket",
+                 "specreason_generation_tokens_total", "specreason_drafted_steps_total", "specreason_queue_depth",
+                 "specreason_running", "process_resident_memory_bytes"):
         assert name in text
 
 
@@ -130,7 +137,8 @@ BAD = {
     "wrong type max_tokens": ({**CHAT, "max_tokens": "5"}, 400, None),
     "bool as int": ({**CHAT, "max_tokens": True}, 400, None),
     "wrong type stream": ({**CHAT, "stream": "yes"}, 400, None),
-    "unknown field": ({**CHAT, "logit_bias": {}}, 400, "unknown_field"),
+    "malformed ignored field": ({**CHAT, "logit_bias": "x"}, 400, None),
+    "malformed penalty": ({**CHAT, "presence_penalty": 3}, 400, None),
     "unknown strategy": ({**CHAT, "strategy": "beam"}, 400, None),
     "unknown preset": ({**CHAT, "preset": "fast"}, 400, None),
     "threshold out of range": ({**CHAT, "threshold": 11}, 400, None),
@@ -139,7 +147,11 @@ BAD = {
     "too many branches": ({**CHAT, "strategy": "best_of_n", "n_specs": 9}, 400, None),
     "max_tokens over the limit": ({**CHAT, "max_tokens": 129}, 400, None),
     "n > 1": ({**CHAT, "n": 3}, 400, None),
-    "system message": ({**CHAT, "messages": [{"role": "system", "content": "x"}, CHAT["messages"][0]]}, 400, None),
+    "last message not user": ({**CHAT, "messages": [CHAT["messages"][0], {"role": "assistant", "content": "x"}]},
+                              400, None),
+    "lone surrogate": (b'{"model": "specreason", "messages": [{"role": "user", "content": "1+1\\ud800"}]}', 400,
+                       None),
+    "deep nesting": (b'{"model": "specreason", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, "invalid_json"),
     "bad role": ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, None),
     "empty problem": ({**CHAT, "messages": [{"role": "user", "content": "  "}]}, 400, None),
     "over-long prompt": ({**CHAT, "messages": [{"role": "user", "content": "1+" * 150}]}, 400,

@@ -1,10 +1,15 @@
 """Request bodies of the OpenAI-compatible API and their mapping to a ReasonConfig.
 
-Standard fields: model, messages (chat) or prompt (completions), max_tokens (max_completion_tokens), temperature,
-top_p, seed, stream, stream_options.include_usage, n (1 only), stop, user. SpecReason options travel as extra
-body fields (the openai client's `extra_body`): strategy, preset, n_specs, threshold, score_mode, candidates,
-max_depth, beam_width, tree_depth, trace. Unknown fields and wrong types are refused (extra="forbid", strict),
-never silently ignored.
+Standard fields: model, messages (chat: system, developer, user, assistant and tool turns, rendered through the
+bundle's chat template; the last user turn is the problem) or prompt (completions: raw text, continued as is),
+max_tokens (max_completion_tokens), temperature, top_p, seed, stream, stream_options.include_usage, n (1 only),
+stop, user. SpecReason options travel as extra body fields (the openai client's `extra_body`): strategy, preset,
+n_specs, threshold, score_mode, candidates, max_depth, beam_width, tree_depth, trace.
+
+Standard OpenAI fields this server cannot honour (IGNORED: presence_penalty, logprobs, tools, ...) and unknown
+fields are ignored, as vLLM does (refusing them breaks clients built for OpenAI): the server logs a warning and
+the response lists them under specreason.ignored. A malformed value of a known field is still refused (400):
+the ignored standard fields are type-checked too. Past `MAX_JSON_DEPTH` levels of nesting a body is refused.
 
 temperature / top_p set the sampling of the model that samples: the speculator, or the verifier for
 strategy "verifier" (whose default is greedy). stop cuts the returned text at the first stop string.
@@ -12,14 +17,30 @@ strategy "verifier" (whose default is greedy). stop cuts the returned text at th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..config import PRESETS, SCORE_MODES, STRATEGIES, ReasonConfig, make_config
 from ..errors import ConfigError
+from ..prompt import Prompt
 from .errors import ApiError
+
+MAX_JSON_DEPTH = 32  # a chat body needs 5 levels (body, messages, message, content parts, part)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text (checked before parsing: the parser recurses)."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b"", body), np.uint8)  # brackets inside strings do not count
+    steps = (np.isin(skeleton, (ord("["), ord("{"))).astype(np.int32)
+             - np.isin(skeleton, (ord("]"), ord("}"))).astype(np.int32))
+    return int(np.cumsum(steps).max(initial=0))
 
 Strategy = Literal["stepwise", "best_of_n", "tree", "speculator", "verifier", "majority"]
 Preset = Literal["default", "efficient", "quality"]
@@ -37,13 +58,48 @@ class Limits:
     max_tokens: int = 1024  # the largest max_tokens a request may set (also the default budget)
     max_branches: int = 32  # n_specs, beam_width^2, candidates: branches one run may hold
     timeout_s: float = 120.0  # a run past this is cancelled (504)
+    body_timeout_s: float = 30.0  # a body not fully received in this time is refused (408)
+    keepalive_s: float = 5.0  # a stream idle this long (a step being verified) gets an SSE comment
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens", "max_branches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("timeout_s", "body_timeout_s", "keepalive_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Server-wide run settings (`specreason serve --strategy --preset --set ... --config FILE`); a request's
+    own fields win. Applied in this order: the server's preset, its overrides, the request's preset, the
+    request's fields."""
+
+    strategy: str = "stepwise"
+    preset: str = "default"
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted ReasonConfig fields
+
+    def __post_init__(self) -> None:
+        make_config(strategy=self.strategy, preset=self.preset, **self.overrides)  # ConfigError if wrong
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StreamOptions(_Strict):
+class _Lenient(BaseModel):
+    """A request object: known fields are checked strictly, unknown ones kept aside (model_extra) and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
@@ -52,16 +108,25 @@ class TextPart(_Strict):
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # None: an assistant turn that only called tools
     name: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class _Common(_Strict):
+# Standard OpenAI fields this server accepts and ignores (type-checked, so a malformed value is still a 400).
+IGNORED = ("presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "logit_bias", "tools",
+           "tool_choice", "parallel_tool_calls", "response_format", "metadata", "store", "service_tier",
+           "reasoning_effort", "modalities", "prediction", "functions", "function_call", "best_of", "echo", "suffix",
+           "web_search_options", "audio")
+
+
+class _Common(_Lenient):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -83,6 +148,34 @@ class _Common(_Strict):
     beam_width: int | None = Field(default=None, ge=1)
     tree_depth: int | None = Field(default=None, ge=1, le=16)
     trace: bool = False
+    # Standard fields that are accepted and ignored (see IGNORED).
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    best_of: int | None = Field(default=None, ge=1)
+    echo: bool | None = None
+    suffix: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+
+    def ignored(self) -> list[str]:
+        """Fields this request set that the server ignores: standard ones it cannot honour, then unknown ones."""
+        standard = [f for f in IGNORED if getattr(self, f) not in (None, False, 0, [], {})]
+        return standard + sorted(self.model_extra or {})
 
     @field_validator("n")
     @classmethod
@@ -106,13 +199,14 @@ class _Common(_Strict):
     def budget(self) -> int | None:
         return self.max_tokens
 
-    def to_config(self, *, limits: Limits) -> ReasonConfig:
-        """The ReasonConfig of this request; out-of-range combinations raise ApiError 400."""
+    def to_config(self, *, limits: Limits, defaults: Defaults | None = None) -> ReasonConfig:
+        """The ReasonConfig of this request over the server's defaults; out-of-range combinations raise 400."""
+        defaults = defaults or Defaults()
         budget = self.budget()
         if budget is not None and budget > limits.max_tokens:
             raise ApiError(400, f"max_tokens {budget} is over this server's limit of {limits.max_tokens}",
                            param="max_tokens", code="invalid_value")
-        strategy = self.strategy or "stepwise"
+        strategy = self.strategy or defaults.strategy
         sampler = "verifier" if strategy == "verifier" else "speculator"
         fields: dict[str, tuple[str, Any]] = {
             "n_specs": ("search.n_specs", self.n_specs), "max_depth": ("search.max_depth", self.max_depth),
@@ -120,10 +214,13 @@ class _Common(_Strict):
             "threshold": ("stepwise.threshold", self.threshold), "candidates": ("stepwise.candidates", self.candidates),
             "score_mode": ("score.mode", self.score_mode), "temperature": (f"{sampler}.temperature", self.temperature),
             "top_p": (f"{sampler}.top_p", self.top_p), "seed": ("seed", self.seed),
-            "max_tokens": ("limits.max_tokens", budget if budget is not None else limits.max_tokens)}
-        overrides = {key: value for key, value in fields.values() if value is not None}
+            "max_tokens": ("limits.max_tokens", budget)}
+        server_budget = min(int(defaults.overrides.get("limits.max_tokens", limits.max_tokens)), limits.max_tokens)
+        overrides = {**PRESETS[defaults.preset], **defaults.overrides, "limits.max_tokens": server_budget,
+                     **(PRESETS[self.preset] if self.preset else {}),
+                     **{key: value for key, value in fields.values() if value is not None}}
         try:
-            config = make_config(strategy=strategy, preset=self.preset or "default", **overrides)
+            config = make_config(strategy=strategy, **overrides)
         except ConfigError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         branches = {"best_of_n": config.search.n_specs, "majority": config.search.n_specs,
@@ -141,26 +238,26 @@ class ChatRequest(_Common):
     def budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def problem(self) -> str:
-        """The one user message: SpecReason solves one problem per request (no multi-turn, no system prompt)."""
-        others = sorted({m.role for m in self.messages if m.role != "user"})
-        if others or len(self.messages) != 1:
-            raise ApiError(400, "send exactly one user message holding the problem; "
-                           f"{'roles ' + ', '.join(others) + ' are' if others else 'several user messages are'} "
-                           "not supported (the bundle's chat template builds the prompt)", param="messages")
-        return self.messages[0].text()
+    def prompt(self) -> Prompt:
+        """The conversation: rendered through the chat template; the last user message is the problem."""
+        try:
+            return Prompt.chat([{"role": m.role, "content": m.text()} for m in self.messages])
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="messages") from None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
 
-    def problem(self) -> str:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise ApiError(400, "prompt takes one string (or a list of one): one problem per request",
-                               param="prompt")
-            return self.prompt[0]
-        return self.prompt
+    def prompt_text(self) -> Prompt:
+        """The raw text to continue (no chat template: a completion continues exactly what it is given)."""
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ApiError(400, "prompt takes one string (or a list of one): one problem per request",
+                           param="prompt")
+        try:
+            return Prompt.text(self.prompt[0] if isinstance(self.prompt, list) else self.prompt)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="prompt") from None
 
 
 def parse(cls: type[_Common], data: Any) -> _Common:

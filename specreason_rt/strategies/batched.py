@@ -27,7 +27,7 @@ from ..config import ReasonConfig
 from ..context import Context
 from ..tokenizer import StepDetector
 from ..trace import Candidate, RunResult, StepTrace
-from .common import Run, Trajectory
+from .common import Run, StepStream, Trajectory
 from .stepwise import _greedy_prefix, _replay
 
 
@@ -131,7 +131,7 @@ class StepwiseBatch:
             scored = first.scorer.score_steps(ver, spans)
         verified = time.perf_counter()
         # 3. Accept or fall back, per lane; the verifier writes all fallback steps in one batched decode.
-        accepted = [drafting[i] and scored is not None and scored.scores[i] >= lane.run.config.stepwise.threshold
+        accepted = [bool(drafting[i] and scored is not None and scored.scores[i] >= lane.run.config.stepwise.threshold)
                     for i, lane in enumerate(lanes)]
         writes = [i not in failed and not accepted[i] for i in range(n)]
         reuse: list[list[int]] = [[] for _ in range(n)]
@@ -147,12 +147,18 @@ class StepwiseBatch:
             spec.truncate(i, length=spec_len[i], logits=spec_logits[i])
             ver.truncate(i, length=ver_len[i] + len(reuse[i]), logits=scored.rows[i][len(reuse[i])])
             complete[i] = _replay(detectors[i], reuse[i], eos)
+        streams = {i: StepStream(lane.run, index=len(lane.steps)) for i, lane in enumerate(lanes)
+                   if writes[i] and lane.run.on_token is not None}
+        for i, stream in streams.items():
+            stream.push(reuse[i])
         decoding = [writes[i] and not complete[i] for i in range(n)]
         outs = None
         if any(decoding):
             outs = ver.decode_steps(params=first.params["verifier"], rng=[ln.run.rng["verifier"] for ln in lanes],
                                     max_tokens=[max(b - len(r), 1) for b, r in zip(budgets, reuse, strict=True)],
-                                    detectors=detectors, active=decoding)
+                                    detectors=detectors, active=decoding,
+                                    on_token=(lambda b, t: streams[b].push([t]) if b in streams else None)
+                                    if streams else None)
         fell_back = time.perf_counter()
         # 4. Commit each lane's step, report it, and see whether the lane is done.
         finished = []
@@ -168,7 +174,7 @@ class StepwiseBatch:
             if drafting[i]:
                 assert drafts is not None and scored is not None
                 candidates = [Candidate(text=drafts[i].text, tokens=len(drafts[i].tokens),
-                                        score=round(float(scored.scores[i]), 4), accepted=accepted[i])]
+                                        score=round(float(scored.scores[i]), 4), accepted=bool(accepted[i]))]
             if accepted[i]:
                 assert drafts is not None
                 tokens, text, author, out_finish = drafts[i].tokens, drafts[i].text, "speculator", drafts[i].finish

@@ -18,9 +18,11 @@ from ..cancel import CancelToken
 from ..config import ReasonConfig
 from ..context import Context
 from ..errors import CacheLimitError
+from ..prompt import Prompt
 from ..sampling import SamplingParams
 from ..scoring import StepScorer
-from ..trace import Candidate, RunResult, StepTrace, Timer
+from ..tokenizer import StreamDecoder
+from ..trace import Candidate, RunResult, StepTrace, Timer, TokenDelta
 
 ROLE_STREAMS = {"speculator": 0, "verifier": 1}
 
@@ -45,16 +47,21 @@ class Trajectory:
 
 
 class Run:
-    def __init__(self, *, bundle: Bundle, problem: str, config: ReasonConfig,
-                 on_step: Callable[[StepTrace], None] | None = None, cancel: CancelToken | None = None) -> None:
+    def __init__(self, *, bundle: Bundle, problem: str | Prompt, config: ReasonConfig,
+                 on_step: Callable[[StepTrace], None] | None = None, cancel: CancelToken | None = None,
+                 on_token: Callable[[TokenDelta], None] | None = None) -> None:
+        """on_step(step) as each step is committed; on_token(delta) as the verifier writes a step's text (token
+        by token) and as a draft is accepted (its whole text at once), before that step's on_step."""
         self.bundle, self.config, self.on_step, self.cancel = bundle, config, on_step, cancel
+        self.on_token = on_token
         self.timer = Timer()
         self.rng = {role: np.random.default_rng([config.seed, stream]) for role, stream in ROLE_STREAMS.items()}
         self.params: dict[str, SamplingParams] = {"speculator": config.speculator, "verifier": config.verifier}
         self.tokens = dict.fromkeys(ROLE_STREAMS, 0)
         self.contexts: list[tuple[str, Context]] = []
         self.shared = bundle.manifest.tokenizers_shared
-        self.prompts = {role: self._prompt(role, problem) for role in bundle.models}
+        self.prompt = Prompt.of(problem)
+        self.prompts = {role: self.prompt.encode(bundle.tokenizers[role]) for role in bundle.models}
         self._scorer: StepScorer | None = None
         # The token budget of the solution: the configured one, capped by what fits every model's context.
         fits = min(m.arch.max_context - len(self.prompts[r]) - self._extra_room(r) for r, m in bundle.models.items())
@@ -62,12 +69,6 @@ class Run:
             raise CacheLimitError(f"the prompt leaves no room in the models' context ({fits} tokens); "
                                   "shorten the problem")
         self.budget = min(config.limits.max_tokens, fits)
-
-    def _prompt(self, role: str, problem: str) -> list[int]:
-        tok, model = self.bundle.tokenizers[role], self.bundle.models[role]
-        if model.generation.chat_template is not None:
-            return tok.encode_chat([{"role": "user", "content": problem}])
-        return tok.encode(problem)
 
     def _extra_room(self, role: str) -> int:
         uses_verifier_scores = self.config.strategy in ("stepwise", "best_of_n", "tree")
@@ -123,6 +124,24 @@ class Run:
                          text=traj.text, steps=steps, finish=traj.finish or "budget", seconds=seconds,
                          timings=dict(self.timer.seconds), tokens=dict(self.tokens), forwards=forwards,
                          candidates=candidates or [], config=self.config.to_json(), details=details or {})
+
+
+class StepStream:
+    """One step's text for `run.on_token` as the verifier writes it (nothing is decoded when no one listens)."""
+
+    def __init__(self, run: Run, *, index: int) -> None:
+        self.run, self.index = run, index
+        self.decoder = StreamDecoder(tokenizer=run.bundle.tokenizers["verifier"]) if run.on_token else None
+
+    def push(self, tokens: Sequence[int]) -> None:
+        if self.decoder is None or self.run.on_token is None:
+            return
+        text = "".join(self.decoder.push(t) for t in tokens)
+        if text:
+            self.run.on_token(TokenDelta(step=self.index, author="verifier", text=text))
+
+    def on_token(self, branch: int, token: int) -> None:  # decode()'s callback; branch: the caller maps it
+        self.push([token])
 
 
 def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajectory],

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..tokenizer import StepDetector
 from ..trace import Candidate, RunResult, StepTrace
-from .common import Run, Trajectory
+from .common import Run, StepStream, Trajectory
 
 
 def _greedy_prefix(rows: np.ndarray, span: list[int]) -> int:
@@ -104,11 +104,14 @@ def run_stepwise(run: Run) -> RunResult:
                     after = scored.rows[keep][len(reuse_span)]  # row 0: the logits before the draft
                     ver.truncate(0, length=ver_len + len(reuse_span), logits=after)
                 out_finish = _replay(detector, reuse_span, ver.model.generation.eos_ids)
+                stream = StepStream(run, index=index)
+                stream.push(reuse_span)  # the verifier's own greedy choices: streamed as it writes the rest
                 if out_finish:
                     tokens = reuse_span  # the whole draft is what the verifier would have written
                 else:
                     out = ver.decode_steps(params=v_params, rng=run.rng["verifier"],
-                                           max_tokens=max(budget - len(reuse_span), 1), detectors=[detector])[0]
+                                           max_tokens=max(budget - len(reuse_span), 1), detectors=[detector],
+                                           on_token=stream.on_token if run.on_token else None)[0]
                     run.tokens["verifier"] += len(out.tokens)
                     tokens, out_finish = reuse_span + out.tokens, out.finish
                 text, author, reused = v_tok.decode(tokens), "verifier", len(reuse_span)
