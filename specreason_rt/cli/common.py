@@ -1,12 +1,26 @@
-"""What every `specreason` subcommand shares: the provider arguments and turning errors into one line."""
+"""What every `specreason` subcommand shares: the parser conventions, the bundle and provider arguments, and
+turning errors into one line.
+
+Conventions (issue 12, the ones users know from other tools):
+  --version                    the package version and the versions of the libraries it runs on
+  --bundle                     optional everywhere: $SPECREASON_BUNDLE, else ./specreason-bundle (what
+                               `specreason-export` writes by default)
+  --help                       shows each option's default and an example per subcommand
+  did-you-mean                 for a mistyped flag, subcommand or choice (difflib; argparse before 3.14 has none)
+  a closed pipe                (`specreason info --json | head -1`) ends quietly, as `cat` does
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
-from collections.abc import Callable
+import textwrap
+from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SpecReasonError
 
@@ -14,7 +28,133 @@ if TYPE_CHECKING:
     from ..providers import ProviderConfig
 
 PROG = "specreason"
+BUNDLE_ENV = "SPECREASON_BUNDLE"
+DEFAULT_BUNDLE = "specreason-bundle"  # specreason-export's default --out
 THREADS_HELP = "ONNX Runtime intra-op threads (0: auto = 1 below 10M parameters, else all cores)"
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+def version_line(prog: str) -> str:
+    """`PROG VERSION (onnxruntime X, numpy Y, python Z)`: what a bug report needs, without importing anything."""
+
+    def installed(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return (f"{prog} {installed('specreason-rt')} (onnxruntime {installed('onnxruntime')}, "
+            f"numpy {installed('numpy')}, python {python})")
+
+
+def default_bundle() -> str:
+    return os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE
+
+
+def suggest(word: str, candidates: Sequence[str]) -> str:
+    """' did you mean X?' for the closest candidate, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" did you mean {close[0]}?" if close else ""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Fills prose to the terminal's width but keeps indented lines (examples) as written, and appends
+    "(default: X)" where an option's help names no default.
+
+    argparse's ArgumentDefaultsHelpFormatter would also print "(default: None)" and "(default: False)" for
+    flags and options without a default, which tells the reader nothing.
+    """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            if line[:1].isspace() or not line:  # a command to copy: never re-wrapped
+                lines.append(indent + line)
+            else:
+                lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent))
+        return "\n".join(lines)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        # `is`, not `in`: 0 == False, and a default of 0 is worth showing.
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or not action.option_strings
+                or isinstance(action, argparse._HelpAction | argparse._VersionAction)):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        shown = shown.replace("%", "%%")  # help strings are %-formatted
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser with the conventions above. Subparsers are of this class too (argparse creates them
+    with the parent's class), so every subcommand gets them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # A subcommand or a choice that is not one: name the closest.
+        if action.choices is not None and value not in action.choices:
+            choices = [str(c) for c in action.choices]
+            hint = suggest(str(value), choices)
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{';' if hint else ''}{hint} "
+                                                 f"(choose from {', '.join(choices)})")
+        super()._check_value(action, value)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # The subcommand that was chosen owns the flags a mistyped one should be compared with.
+            parser = self._chosen_subparser(ns)
+            flags = [s for a in parser._actions for s in a.option_strings]
+            hints = [f"{arg}:{hint}" for arg in extras if arg.startswith("-")
+                     for hint in [suggest(arg.split("=", 1)[0], flags)] if hint]
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + "".join(f"; {h}" for h in hints))
+        return ns
+
+    def _chosen_subparser(self, ns: argparse.Namespace) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self
+        while True:
+            sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+            name = getattr(ns, sub.dest, None) if sub is not None and sub.dest else None
+            if sub is None or name not in sub.choices:
+                return parser
+            parser = sub.choices[name]
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser by its full name, groups included: 'info', ..., 'bench', 'bench decode'."""
+    out: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[name] = sub
+                out.update({f"{name} {k}": v for k, v in subcommands(sub).items()})
+    return out
+
+
+def apply_conventions(parser: argparse.ArgumentParser, *, examples: dict[str, str]) -> None:
+    """--bundle's default and help, and an example, in every subcommand, including those whose modules set
+    neither (serve, bench): one place keeps the whole CLI consistent. A subcommand with its own epilog keeps it."""
+    for name, sub in subcommands(parser).items():
+        for action in sub._actions:
+            if action.dest == "bundle" and action.option_strings:
+                action.required = False
+                action.default = None  # resolved when the command runs (run_command), so the env var is read then
+                action.help = (f"the bundle directory (default: ${BUNDLE_ENV}, else ./{DEFAULT_BUNDLE}, "
+                               "where specreason-export writes)")
+        if not sub.epilog and name in examples:
+            body = "\n".join(f"  {line}" for line in examples[name].splitlines())
+            sub.epilog = f"example{'s' if len(examples[name].splitlines()) > 1 else ''}:\n{body}"
+
+
+def add_bundle_argument(p: argparse.ArgumentParser) -> None:
+    """--bundle DIR; its default and help come from apply_conventions, the same for every subcommand."""
+    p.add_argument("--bundle", metavar="DIR", default=None)
 
 
 def add_provider_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,9 +177,25 @@ def provider_config(args: argparse.Namespace) -> ProviderConfig:
     return ProviderConfig(name=args.provider, device_id=args.device_id, fp16=args.fp16, cache_dir=args.trt_cache)
 
 
-def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, prog: str = PROG) -> int:
-    """Run a subcommand: a SpecReasonError is one line on stderr (exit 1), Ctrl-C exit 130."""
+def _resolve_bundle(args: argparse.Namespace) -> None:
+    """Fill in the default bundle; a default that does not exist says how to name or make one."""
+    if getattr(args, "bundle", "") is not None:
+        return
+    args.bundle = default_bundle()
+    if not Path(args.bundle).is_dir():
+        source = f"${BUNDLE_ENV}" if os.environ.get(BUNDLE_ENV) else "the default"
+        shown = args.bundle if Path(args.bundle).is_absolute() else f"./{Path(args.bundle)}"
+        raise SpecReasonError(f"no bundle at {shown} ({source}): pass --bundle DIR, set ${BUNDLE_ENV}, "
+                              "or create ./specreason-bundle with specreason-export")
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, prog: str = PROG) -> int:
+    """Parse and run a subcommand (its `func`): a SpecReasonError is one line on stderr (exit 1), Ctrl-C exit 130,
+    a closed pipe exit 141 without a word (also for --help piped into head)."""
     try:
+        args = parser.parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        _resolve_bundle(args)
         return int(func(args))
     except SpecReasonError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -47,3 +203,9 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (head, less) has gone: stop quietly. Point stdout at /dev/null so the interpreter's own
+        # flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return SIGPIPE_EXIT

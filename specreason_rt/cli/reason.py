@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import PRESETS, STRATEGIES, ReasonConfig, make_config
 from ..errors import ConfigError
-from .common import add_provider_arguments, provider_config
+from .common import add_bundle_argument, add_provider_arguments, provider_config
 
 
 def _value(text: str) -> Any:
@@ -131,7 +131,7 @@ def _check_plot(path: str) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, metavar="DIR")
+    add_bundle_argument(p)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="the seed's presets: n_specs / max_depth / temperature = default 4/8/0.7, "
                         "efficient 2/6/0.8, quality 8/12/0.6")
