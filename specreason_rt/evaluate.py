@@ -54,7 +54,11 @@ def read_problems(path: str | Path, *, limit: int | None = None,
         raise ConfigError(f"problems file {path} does not exist")
     names = {k: ((fields[k],) if fields and k in fields else v) for k, v in FIELD_NAMES.items()}
     problems = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

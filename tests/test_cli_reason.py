@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from specreason_models.task import write_heldout_jsonl
 from specreason_rt.answers import extract_answer, final_answer, normalize, reference_answer
 from specreason_rt.evaluate import figure, label_box
 
-from .test_cli import run
+from .test_cli import EXE, run
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,23 @@ def test_plot_labels_never_overlap() -> None:
     assert not [(a, b) for a, b in itertools.combinations(range(len(boxes)), 2) if boxes[a].overlaps(boxes[b])]
     frame = fig.axes[0].get_window_extent(renderer)
     assert all(frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1 for box in boxes)
+
+
+def test_text_fields_take_the_text_and_input_must_be_unicode(builtin_bundle: Path, tmp_path: Path) -> None:
+    """A judge prompt of digits stays a prompt (issue 11 finding 11); undecodable bytes are one line, not a
+    tokenizer traceback; stdin's trailing newline is not part of the question."""
+    b = str(builtin_bundle)
+    res = run("run", "--bundle", b, "--score-mode", "judge", "--set", "score.judge_prompt=5", "--json", "37+45*3")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["config"]["score"]["judge_prompt"] == "5"
+    assert run("run", "--bundle", b, "-", stdin="37+45*3\n").stdout.endswith("answer: 46\n")
+    res = subprocess.run([EXE, "run", "--bundle", b, b"37+\xff"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr == ("specreason: error: the problem is not valid UTF-8 text: byte 0xff "
+                                                  "at character 3\n")
+    res = subprocess.run([EXE, "generate", "--bundle", b, "-"], input=b"37+\xff", capture_output=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr == b"specreason: error: the prompt on stdin is not UTF-8: byte 0xff at offset 3\n"
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"question": "1+1\xff", "answer": "2"}\n')
+    res = run("eval", "--bundle", b, "--problems", str(latin1))
+    assert res.returncode == 1 and "latin1.jsonl is not UTF-8 text (byte 0xff at offset 17)" in res.stderr

@@ -152,6 +152,23 @@ def apply_conventions(parser: argparse.ArgumentParser, *, examples: dict[str, st
             sub.epilog = f"example{'s' if len(examples[name].splitlines()) > 1 else ''}:\n{body}"
 
 
+def text_argument(value: str, *, what: str) -> str:
+    """A PROBLEM / PROMPT argument, or stdin for '-', as valid Unicode text. Undecodable bytes reach Python's argv
+    as lone surrogates, which the tokenizer cannot take: refuse them here, naming the byte."""
+    if value == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecReasonError(f"the {what} on stdin is not UTF-8: byte 0x{data[e.start]:02x} at offset "
+                                  f"{e.start}") from None
+    for i, ch in enumerate(value):
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            byte = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"U+{ord(ch):04X}"
+            raise SpecReasonError(f"the {what} is not valid UTF-8 text: {byte} at character {i}")
+    return value
+
+
 def add_bundle_argument(p: argparse.ArgumentParser) -> None:
     """--bundle DIR; its default and help come from apply_conventions, the same for every subcommand."""
     p.add_argument("--bundle", metavar="DIR", default=None)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import SpecReasonError
 from ..manifest import load_manifest
-from .common import THREADS_HELP, add_bundle_argument, add_provider_arguments, provider_config
+from .common import THREADS_HELP, add_bundle_argument, add_provider_arguments, provider_config, text_argument
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
@@ -120,7 +120,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ..sampling import SamplingParams
     from ..tokenizer import StreamDecoder
 
-    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt_text = text_argument(args.prompt, what="prompt")
     if not prompt_text.strip():
         raise SpecReasonError("the prompt is empty: pass the text to continue (or - to read it from stdin)")
     if args.branches < 1:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..answers import CUT_OFF, expected_format, final_answer
 from ..config import PRESETS, STRATEGIES, ReasonConfig, make_config
 from ..errors import ConfigError
-from .common import add_bundle_argument, add_provider_arguments, provider_config
+from .common import add_bundle_argument, add_provider_arguments, provider_config, text_argument
 
 if TYPE_CHECKING:
     from ..trace import RunResult
@@ -142,7 +142,9 @@ def answer_line(result: RunResult, *, fmt: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    problem = sys.stdin.read() if args.problem == "-" else args.problem
+    # Space around a question means nothing, but the models see it: `echo 37+45*3 | specreason run -` would
+    # otherwise solve "37+45*3\n", a prompt the built-in pair never saw.
+    problem = text_argument(args.problem, what="problem").strip()
     config = make_config(strategy=args.strategy, preset=args.preset, **_overrides(args))
     trace = check_output_file(args.trace, flag="--trace") if args.trace else None
     reasoner = _reasoner(args)
