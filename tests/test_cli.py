@@ -175,6 +175,8 @@ def test_did_you_mean_for_flags_subcommands_and_choices(tiny_bundle: Path) -> No
     cases = [
         (["run", *b, "--tresh", "5", "1+1"], "unrecognized arguments: --tresh 1+1; --tresh: did you mean --threshold?"),
         (["run", *b, "--sed=3", "1+1"], "--sed=3: did you mean --seed?"),
+        (["eval", *b, "--problemz", "p.jsonl"],  # the required --problems is what argparse reports first
+         "the following arguments are required: --problems; --problemz: did you mean --problems?"),
         (["rn", "1+1"], "invalid choice: 'rn'; did you mean run?"),
         (["bench", "decod"], "invalid choice: 'decod'; did you mean decode?"),
         (["run", *b, "--strategy", "stepwize", "1+1"], "invalid choice: 'stepwize'; did you mean stepwise?"),

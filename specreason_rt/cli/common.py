@@ -20,7 +20,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import SpecReasonError
 
@@ -105,17 +105,41 @@ class Parser(argparse.ArgumentParser):
                                                  f"(choose from {', '.join(choices)})")
         super()._check_value(action, value)
 
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        # Kept so that error() can point at a mistyped flag even when argparse fails on something else first
+        # (a required option missing because its name was mistyped). A subcommand's parser sees its own part.
+        self._seen = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             # The subcommand that was chosen owns the flags a mistyped one should be compared with.
             parser = self._chosen_subparser(ns)
-            flags = [s for a in parser._actions for s in a.option_strings]
-            hints = [f"{arg}:{hint}" for arg in extras if arg.startswith("-")
-                     for hint in [suggest(arg.split("=", 1)[0], flags)] if hint]
-            parser.error(f"unrecognized arguments: {' '.join(extras)}" + "".join(f"; {h}" for h in hints))
+            hints = parser._flag_hints(extras) if isinstance(parser, Parser) else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
         return ns
+
+    def _flag_hints(self, args: Sequence[str]) -> str:
+        """'; --tresh: did you mean --threshold?' for each argument that looks like an unknown flag."""
+        flags = [s for a in self._actions for s in a.option_strings]
+        hints = []
+        for arg in args:
+            name = arg.split("=", 1)[0]
+            # Not a flag (a value, a negative number) or a known one (argparse also takes unique prefixes).
+            if not name.startswith("-") or name == "-" or name[1:2].isdigit() or any(f.startswith(name) for f in flags):
+                continue
+            hint = suggest(name, flags)
+            if hint:
+                hints.append(f"; {arg}:{hint}")
+        return "".join(hints)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            message += self._flag_hints(getattr(self, "_seen", []))
+        super().error(message)
 
     def _chosen_subparser(self, ns: argparse.Namespace) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = self
@@ -125,6 +149,7 @@ class Parser(argparse.ArgumentParser):
             if sub is None or name not in sub.choices:
                 return parser
             parser = sub.choices[name]
+
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """Every subcommand's parser by its full name, groups included: 'info', ..., 'bench', 'bench decode'."""
