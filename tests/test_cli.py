@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from specreason_rt.cli import build_parser
-from specreason_rt.cli.common import BUNDLE_ENV, HelpFormatter, subcommands
+from specreason_rt.cli.common import BUNDLE_ENV
 from specreason_rt.cli.info import describe_windows
+from specreason_rt.cli.parser import HelpFormatter, subcommands
 from specreason_rt.manifest import Architecture
 
 EXE = str(Path(sys.executable).parent / "specreason")

@@ -1,8 +1,8 @@
 """`specreason`: the runtime's command line (numpy + ONNX Runtime only).
 
 One module per subcommand group, each with add_commands(sub); the helpers and conventions they share live in
-common.py, which imports none of them (no import cycle). A new subcommand needs an example: an epilog of its
-own or an entry in EXAMPLES (tests/test_cli.py checks every subcommand's --help).
+common.py and parser.py, which import none of them (no import cycle). A new subcommand needs an example: an
+epilog of its own or an entry in EXAMPLES (tests/test_cli.py checks every subcommand's --help).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from . import bench, info, reason, serve
-from .common import PROG, Parser, add_provider_arguments, apply_conventions, provider_config, run_command, version_line
+from .common import PROG, add_provider_arguments, apply_conventions, provider_config, run_command, version_line
+from .parser import Parser
 
 __all__ = ["EXAMPLES", "add_provider_arguments", "build_parser", "main", "provider_config"]
 
