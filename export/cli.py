@@ -41,6 +41,9 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specreason-export", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from specreason_rt.cli.common import version_line  # --version: the same line as `specreason --version`
+
+    p.add_argument("--version", action="version", version=version_line("specreason-export"))
     p.add_argument("--speculator", default="speculator", metavar="SOURCE",
                    help="the cheap model that drafts reasoning steps (default: built-in 'speculator')")
     p.add_argument("--verifier", default="verifier", metavar="SOURCE",

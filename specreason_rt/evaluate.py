@@ -1,7 +1,15 @@
 """Accuracy and latency of strategies on a problem set (JSONL), as a table, JSON and an accuracy-vs-latency plot.
 
-Problems file: one JSON object per line, {"id": ..., "question": ..., "answer": ...}. Every strategy runs every
-problem with the same seed, one problem at a time (latency is per problem, as a user sees it).
+Problems file: one JSON object per line. The question and the reference answer are read from the first field
+present of FIELD_NAMES (question/answer, problem/solution, as common data sets name them), or from the fields a
+FieldMap names (`specreason eval --fields question=prompt,answer=target`). A reference in a data set's own
+convention is reduced to its answer (answers.reference_answer: GSM8K's "#### 72", MATH's \\boxed{}).
+Every strategy runs every problem with the same seed, one problem at a time (latency is per problem, as a user
+sees it).
+
+Accuracy counts the answer in the configured format only (what the strategies vote and stop on);
+`accuracy_lenient` also reads answers the solution gave in another way (answers.final_answer), which is what a
+chat model that ignores the format gets credit for.
 """
 
 from __future__ import annotations
@@ -13,32 +21,60 @@ from typing import Any
 
 import numpy as np
 
-from .answers import is_correct
+from .answers import CUT_OFF, final_answer, is_correct, reference_answer
 from .config import ReasonConfig
 from .errors import ConfigError
 from .reasoner import Reasoner
 from .trace import RunResult
 
+# Field names tried in order when no mapping is given: {our name: names data sets use}.
+FIELD_NAMES = {"question": ("question", "problem", "prompt", "input"),
+               "answer": ("answer", "solution", "target", "output"),
+               "id": ("id", "unique_id", "idx")}
 
-def read_problems(path: str | Path, *, limit: int | None = None) -> list[dict[str, str]]:
+
+def parse_fields(text: str) -> dict[str, str]:
+    """`question=prompt,answer=target[,id=key]` -> {"question": "prompt", ...}."""
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        ours, sep, theirs = (x.strip() for x in part.partition("="))
+        if not sep or ours not in FIELD_NAMES or not theirs:
+            raise ConfigError(f"--fields expects question=FIELD,answer=FIELD[,id=FIELD], got {text!r}")
+        mapping[ours] = theirs
+    return mapping
+
+
+def read_problems(path: str | Path, *, limit: int | None = None,
+                  fields: dict[str, str] | None = None) -> list[dict[str, str]]:
     """Problems from a JSONL file; a bad line is an error naming the line and what it lacks."""
     path = Path(path)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     if not path.is_file():
         raise ConfigError(f"problems file {path} does not exist")
+    names = {k: ((fields[k],) if fields and k in fields else v) for k, v in FIELD_NAMES.items()}
     problems = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not all(k in record for k in ("question", "answer")):
-            raise ConfigError(f"{path}:{n}: each line needs \"question\" and \"answer\" (and an \"id\")")
-        problems.append({"id": str(record.get("id", n)), "question": str(record["question"]),
-                         "answer": str(record["answer"])})
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}:{n}: each line must be a JSON object")
+        found = {k: next((record[f] for f in v if f in record), None) for k, v in names.items()}
+        for k in ("question", "answer"):
+            if found[k] is None:
+                raise ConfigError(f"{path}:{n}: no {k} field: each line needs one of "
+                                  f"{', '.join(repr(f) for f in names[k])} (or name it: --fields question=...,"
+                                  "answer=...)")
+        problems.append({"id": str(found["id"] if found["id"] is not None else n), "question": str(found["question"]),
+                         "answer": reference_answer(str(found["answer"]))})
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
@@ -46,9 +82,16 @@ def read_problems(path: str | Path, *, limit: int | None = None) -> list[dict[st
     return problems
 
 
+def lenient_answer(result: RunResult) -> str | None:
+    fmt = result.config.get("answer", {}).get("format", "answer_line")
+    return final_answer(result.text, fmt=fmt, cut_off=result.finish in CUT_OFF)[0]
+
+
 def summarize(results: list[RunResult], problems: list[dict[str, str]]) -> dict[str, Any]:
     """The metrics of one strategy over the problems (results[i] answers problems[i])."""
-    correct = [is_correct(predicted=r.answer, reference=p["answer"]) for r, p in zip(results, problems, strict=True)]
+    pairs = list(zip(results, problems, strict=True))
+    correct = [is_correct(predicted=r.answer, reference=p["answer"]) for r, p in pairs]
+    lenient = [is_correct(predicted=lenient_answer(r), reference=p["answer"]) for r, p in pairs]
     latency = np.array([r.seconds for r in results])
     steps = sum(len(r.steps) for r in results)
     drafted = [s for r in results for s in r.steps if s.candidates]
@@ -56,6 +99,8 @@ def summarize(results: list[RunResult], problems: list[dict[str, str]]) -> dict[
     return {
         "problems": len(results),
         "accuracy": round(float(np.mean(correct)), 4),
+        "accuracy_lenient": round(float(np.mean(lenient)), 4),
+        "answered": round(float(np.mean([r.answer is not None for r in results])), 4),
         "latency_mean_s": round(float(latency.mean()), 5),
         "latency_p50_s": round(float(np.percentile(latency, 50)), 5),
         "latency_p95_s": round(float(np.percentile(latency, 95)), 5),
@@ -85,6 +130,7 @@ def evaluate(*, reasoner: Reasoner, problems: list[dict[str, str]], configs: dic
             if records is not None:
                 records.append({"name": name, "id": problem["id"], "reference": problem["answer"],
                                 "correct": is_correct(predicted=result.answer, reference=problem["answer"]),
+                                "final_answer": lenient_answer(result),
                                 **result.to_json()})
         if progress is not None:
             progress(i + 1, len(problems))
@@ -92,24 +138,93 @@ def evaluate(*, reasoner: Reasoner, problems: list[dict[str, str]], configs: dic
             "strategies": {name: {"config": config.to_json(), **summarize(results[name], problems)}
                            for name, config in configs.items()}}
 
-def table(report: dict[str, Any], *, baseline: str | None = "verifier") -> str:
-    """A fixed-width table of the report; speedup is relative to `baseline` when it was run."""
+def speedup_baseline(report: dict[str, Any], wanted: str | None = None) -> str:
+    """The row speedups are relative to: `wanted`, else the verifier alone (the model SpecReason accelerates),
+    else the first row."""
     rows = report["strategies"]
-    base = rows.get(baseline, {}).get("latency_mean_s") if baseline else None
-    head = (f"{'strategy':<28} {'acc':>6} {'mean ms':>9} {'p50 ms':>8} {'p95 ms':>8} {'speedup':>8} "
+    if wanted is not None:
+        if wanted not in rows:
+            raise ConfigError(f"--baseline {wanted!r} was not run: choose from {', '.join(rows)}")
+        return wanted
+    return "verifier" if "verifier" in rows else next(iter(rows))
+
+
+def speedups(report: dict[str, Any], *, baseline: str) -> dict[str, float | None]:
+    """Per row: the baseline's mean latency / the row's (above 1: faster than the baseline)."""
+    base = report["strategies"][baseline]["latency_mean_s"]
+    return {name: (round(base / m["latency_mean_s"], 3) if m["latency_mean_s"] > 0 else None)
+            for name, m in report["strategies"].items()}
+
+
+def table(report: dict[str, Any], *, baseline: str | None = None) -> str:
+    """A fixed-width table of the report; the speedup column is headed by its baseline ('vs verifier') and a
+    line under the table says what it is."""
+    rows = report["strategies"]
+    base_name = speedup_baseline(report, baseline)
+    ratio = speedups(report, baseline=base_name)
+    label = f"vs {base_name}"
+    width = max(8, len(label))
+    head = (f"{'strategy':<28} {'acc':>6} {'mean ms':>9} {'p50 ms':>8} {'p95 ms':>8} {label:>{width}} "
             f"{'tokens':>7} {'accept':>7} {'spec share':>10}")
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
-        speedup = f"{base / m['latency_mean_s']:.2f}x" if base else "-"
+        speedup = f"{ratio[name]:.2f}x" if ratio[name] is not None else "-"
         accept = f"{m['acceptance_rate']:.2f}" if m["acceptance_rate"] is not None else "-"
         lines.append(f"{name:<28} {m['accuracy']:>6.3f} {m['latency_mean_s'] * 1e3:>9.1f} "
-                     f"{m['latency_p50_s'] * 1e3:>8.1f} {m['latency_p95_s'] * 1e3:>8.1f} {speedup:>8} "
+                     f"{m['latency_p50_s'] * 1e3:>8.1f} {m['latency_p95_s'] * 1e3:>8.1f} {speedup:>{width}} "
                      f"{m['solution_tokens_per_problem']:>7.1f} {accept:>7} {m['speculator_step_share']:>10.2f}")
+    lines.append(f"{label}: speedup = mean latency of {base_name} / mean latency of the row "
+                 f"(above 1: faster than {base_name})")
+    for name, m in rows.items():
+        if m.get("accuracy_lenient", m["accuracy"]) != m["accuracy"]:
+            lines.append(f"{name}: {1 - m['answered']:.0%} of solutions lack the answer format; read leniently "
+                         f"(last number, 'the answer is'), accuracy would be {m['accuracy_lenient']:.3f}")
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
-    """Accuracy vs mean latency per strategy (like the paper's Fig. 3), as a PNG."""
+def label_box(label: Any, renderer: Any) -> Any:
+    """The display box of a label's text alone (an Annotation's own box also spans its leader line)."""
+    from matplotlib.text import Text
+
+    label.update_positions(renderer)  # where the offset puts the text now
+    return Text.get_window_extent(label, renderer)
+
+
+def _place_labels(fig: Any, ax: Any, labels: list[Any]) -> None:
+    """Move overlapping labels apart: each label starts up-right of its point (up-left at the right edge); in
+    order of height, a label that overlaps one already placed moves up past it, and a thin line joins a moved
+    label to its point. Offsets are in points, so they hold whatever the axes limits become.
+
+    adjustText was tried first: it leaves labels of points at the same accuracy (a threshold sweep) on top of
+    each other, since their vertical forces cancel. This stacking is deterministic and never overlaps.
+    """
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []  # bounding boxes (display pixels) of labels already placed
+    frame = ax.get_window_extent(renderer)
+    px_per_pt = fig.dpi / 72
+    order = sorted(range(len(labels)), key=lambda i: (labels[i].xy[1], labels[i].xy[0]))
+    for i in order:
+        label = labels[i]
+        box = label_box(label, renderer)
+        if box.x1 > frame.x1:  # would leave the axes on the right: put it left of its point
+            label.set_position((-5 - box.width / px_per_pt, 4))
+            box = label_box(label, renderer)
+        dy = 0.0
+        while any(box.translated(0, dy).overlaps(other) for other in placed):
+            other = max((o for o in placed if box.translated(0, dy).overlaps(o)), key=lambda o: o.y1)
+            dy = other.y1 - box.y0 + 2
+        if dy:  # moved: the same label higher, with a line back to its point
+            x, y = label.get_position()
+            label.remove()
+            label = labels[i] = ax.annotate(label.get_text(), label.xy, xytext=(x, y + dy / px_per_pt),
+                                            textcoords="offset points", fontsize=label.get_fontsize(),
+                                            arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
+        placed.append(label_box(label, renderer))
+
+
+def figure(report: dict[str, Any], *, title: str = "") -> tuple[Any, list[Any]]:
+    """Accuracy vs mean latency per strategy (like the paper's Fig. 3): (matplotlib figure, its label artists).
+    Labels never overlap (_place_labels): strategies of a sweep often share a point."""
     try:
         import matplotlib
 
@@ -117,20 +232,43 @@ def plot(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("the plot needs matplotlib: pip install 'specreason-rt[plot]'") from None
+    fig: Any
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for name, m in report["strategies"].items():
-        ax.scatter(m["latency_mean_s"] * 1e3, m["accuracy"] * 100, s=36)
-        ax.annotate(name, (m["latency_mean_s"] * 1e3, m["accuracy"] * 100), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+    rows = report["strategies"]
+    xs = [m["latency_mean_s"] * 1e3 for m in rows.values()]  # [strategies] ms
+    ys = [m["accuracy"] * 100 for m in rows.values()]  # [strategies] %
+    ax.scatter(xs, ys, s=36, c=[f"C{i % 10}" for i in range(len(xs))], zorder=3)
     ax.set_xlabel("mean latency per problem (ms)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or f"accuracy vs latency, {report['problems']} problems")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    ax.margins(x=0.1, y=0.1)
+    labels: list[Any] = []
+    for _ in range(4):  # stacked labels above the top of the axes: raise the top and lay out again
+        for label in labels:
+            label.remove()
+        labels = [ax.annotate(name, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+                  for name, x, y in zip(rows, xs, ys, strict=True)]
+        fig.tight_layout()
+        _place_labels(fig, ax, labels)
+        renderer = fig.canvas.get_renderer()
+        top = max(label_box(label, renderer).y1 for label in labels)
+        frame = ax.get_window_extent(renderer)
+        if top <= frame.y1:
+            break
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + (top - frame.y1 + 4) / frame.height * (high - low) * 1.5)
+    return fig, labels
+
+
+def plot(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
+    """figure() as a PNG at `path`, written whole or not at all."""
+    import matplotlib.pyplot as plt
+
+    fig, _ = figure(report, title=title)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     tmp.replace(path)  # never a half-written plot
     return path
-

@@ -5,16 +5,80 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SpecReasonError
 from ..manifest import load_manifest
-from .common import THREADS_HELP, add_provider_arguments, provider_config
+from .common import THREADS_HELP, add_bundle_argument, add_provider_arguments, provider_config, text_argument
+
+if TYPE_CHECKING:
+    from ..manifest import Manifest
+
+
+ATTENTION = {
+    "gqa": "gqa (ONNX Runtime's GroupQueryAttention, KV cache updated in place)",
+    "plain": "plain (standard ONNX ops)",
+}
 
 
 def _file_sizes(bundle: str, files: dict[str, str]) -> dict[str, int]:
-    from pathlib import Path
-
     return {rel: (Path(bundle) / rel).stat().st_size for rel in files}
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def describe_windows(windows: list[int | None]) -> str:
+    """Per-layer sliding windows (None = full attention), grouped: 'window 4096 on layers 0-4, 6; full on 5, 7'."""
+    groups: dict[int | None, list[int]] = {}
+    for layer, w in enumerate(windows):
+        groups.setdefault(w, []).append(layer)
+    if list(groups) == [None]:
+        return "full attention on every layer"
+    parts = [f"window {w} on layers {layer_ranges(ls)}" for w, ls in groups.items() if w is not None]
+    if None in groups:
+        parts.append(f"full attention on layers {layer_ranges(groups[None])}")
+    return "; ".join(parts)
+
+
+def backends(manifest: Manifest) -> dict[str, tuple[bool, str]]:
+    """Which --provider values can run this bundle ({name: (can run, why / what it needs)}), and whether this
+    machine has what each one needs. The rules are those of providers.py and trt_engine.py."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    gqa = [role for role, e in manifest.models.items() if e.kv_cache.get("attention", "plain") != "plain"]
+
+    def here(ep: str) -> str:
+        return "available here" if ep in available else "needs onnxruntime-gpu (not in this onnxruntime build)"
+
+    out = {"cpu": (True, "available here"), "cuda": (True, here("CUDAExecutionProvider"))}
+    if not gqa:
+        out["tensorrt"] = (True, here("TensorrtExecutionProvider"))
+    else:
+        out["tensorrt"] = (False, f"{' and '.join(gqa)}: gqa attention is an ONNX Runtime contrib op TensorRT "
+                                  "cannot parse (re-export with --attention plain)")
+    missing = [role for role in manifest.models if role not in manifest.engines]
+    if missing:
+        out["trt"] = (False, f"no TensorRT engine for {' and '.join(missing)} (specreason-export --trt, or "
+                             "--engines-only on the GPU machine)")
+    else:
+        f = next(iter(manifest.engines.values()))
+        found = "installed here" if importlib.util.find_spec("tensorrt") else "not installed here"
+        out["trt"] = (True, f"engines for TensorRT {f.tensorrt_version}, compute capability "
+                            f"{f.compute_capability} ({f.device}); tensorrt {found}")
+    return out
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -28,12 +92,23 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {role:<10} {e.source['id']} ({a.family}, {a.layers} layers, {a.parameters / 1e6:.2f}M params, "
               f"vocab {a.vocab_size}, context {a.max_context}); validation: max |logit diff| "
               f"{v['max_abs_logit_diff']:.2e}, greedy agreement {v['greedy_agreement']:.0%}")
+        print(f"  {'':<10} attention: {ATTENTION.get(e.kv_cache.get('attention', 'plain'), '?')}")
+        # Both are optional in the manifest (older bundles, families without them): getattr, not a field access.
+        windows = getattr(a, "attention_windows", None)
+        if windows:
+            print(f"  {'':<10} sliding windows: {describe_windows(list(windows))}")
+        features = getattr(a, "features", None)
+        if features:
+            print(f"  {'':<10} features: {', '.join(features)}")
         context = min(args.context, a.max_context)
         kv = args.branches * context * a.kv_bytes_per_token()
         weights = sum(size for rel, size in _file_sizes(args.bundle, manifest.files).items()
                       if rel.startswith(f"{role}/model.onnx"))
         print(f"  {'':<10} memory: weights {weights / 2**20:.1f} MiB on disk; KV cache for {args.branches} "
               f"branches x {context} tokens: {kv / 2**20:.1f} MiB (fp32)")
+    print("  backends (--provider):")
+    for name, (ok, why) in backends(manifest).items():
+        print(f"    {name:<9} {'yes' if ok else 'no '}  {why}")
     return 0
 
 
@@ -45,7 +120,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ..sampling import SamplingParams
     from ..tokenizer import StreamDecoder
 
-    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt_text = text_argument(args.prompt, what="prompt")
     if not prompt_text.strip():
         raise SpecReasonError("the prompt is empty: pass the text to continue (or - to read it from stdin)")
     if args.branches < 1:
@@ -85,8 +160,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    info = sub.add_parser("info", help="check a bundle (files, hashes, schema) and summarise its manifest")
-    info.add_argument("--bundle", required=True, metavar="DIR")
+    info = sub.add_parser("info", help="check a bundle (files, hashes, schema) and summarise its manifest",
+                          description="Check a bundle (files, hashes, schema) and summarise it: each model's "
+                          "architecture, attention variant, sliding windows and features, validation, memory, and "
+                          "which --provider backends can run it.")
+    add_bundle_argument(info)
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     info.add_argument("--context", type=int, default=2048, help="tokens per branch for the memory estimate")
     info.add_argument("--branches", type=int, default=4, help="branches for the memory estimate")
@@ -95,7 +173,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          description="Continue PROMPT with the speculator or the verifier of a bundle. The prompt "
                          "is wrapped in the model's chat template unless --raw is given.")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue, or - to read it from stdin")
-    gen.add_argument("--bundle", required=True, metavar="DIR")
+    add_bundle_argument(gen)
     gen.add_argument("--model", default="verifier", choices=["speculator", "verifier"],
                      help="which model of the bundle generates (default: verifier)")
     gen.add_argument("--branches", type=int, default=1, metavar="N",

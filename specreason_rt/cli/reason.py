@@ -3,22 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..answers import CUT_OFF, expected_format, final_answer
 from ..config import PRESETS, STRATEGIES, ReasonConfig, make_config
 from ..errors import ConfigError
-from .common import add_provider_arguments, provider_config
+from .common import add_bundle_argument, add_provider_arguments, provider_config, text_argument
+
+if TYPE_CHECKING:
+    from ..trace import RunResult
 
 
-def _value(text: str) -> Any:
-    """A --set value: JSON when it parses (numbers, true/false, null), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+def _field_default(key: str) -> Any:
+    """The built-in default of SECTION.FIELD (its type tells how to read a --set value), or None if unknown."""
+    section, _, name = key.partition(".")
+    part = getattr(ReasonConfig(), section, None)
+    if part is None or not dataclasses.is_dataclass(part):
+        return None
+    return getattr(part, name, None)
+
+
+def _value(key: str, text: str) -> Any:
+    """A --set value, read as the field's type: text fields take the text as written (a judge prompt "5" is a
+    prompt), numbers and booleans parse as JSON and must be one. Unknown fields pass through; make_config names
+    them. Ranges are the config's to check."""
+    default = _field_default(key)
+    if isinstance(default, str):
         return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"--set {key}: expects true or false, got {text!r}")
+    elif isinstance(default, int | float):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"--set {key}: expects {kind} (default {default}), got {text!r}")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -29,7 +57,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"--set expects SECTION.FIELD=VALUE (e.g. stepwise.threshold=5), got {item!r}")
-        out[key] = _value(value)
+        out[key] = _value(key, value)
     out["seed"] = args.seed
     return out
 
@@ -40,9 +68,85 @@ def _reasoner(args: argparse.Namespace):  # noqa: ANN202 - the import stays lazy
     return Reasoner(args.bundle, providers=provider_config(args), intra_op_threads=args.threads)
 
 
+def check_output_file(path: str | Path, *, flag: str) -> Path:
+    """Refuse an output path that cannot be written before the run, not after it (the run's result would be lost)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag}: {path} is a directory; give a file name, e.g. {path / 'out.json'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag}: the folder of {path} does not exist; create it or choose another")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{flag}: the folder of {path} is not writable")
+    return path
+
+
+def _write_atomic(path: Path, text: str, *, flag: str) -> None:
+    """Never a half-written file: write beside it, then rename over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{flag}: cannot write {path}: {e.strerror}") from None
+
+
+# How the finish reasons of a cut-off solution (answers.CUT_OFF) read in a summary.
+_STOPPED = {"budget": "stopped at the token budget (limits.max_tokens)",
+            "depth": "stopped at the step limit (search.max_depth)",
+            "repeat": "stopped after two identical steps"}
+_SOURCES = {"answer_line": "its 'Answer:' line", "boxed": "its \\boxed{}",
+            "answer phrase": "the phrase 'the answer is ...'", "last number": "the last number of the solution"}
+
+
+def summary(result: RunResult) -> str:
+    """One plain line: who wrote the steps, how the run ended, how long it took.
+    e.g. '3 steps: 2 drafted by the speculator and accepted, 1 drafted, rejected and rewritten by the verifier; 25.7 ms'
+    """
+    n = len(result.steps)
+    steps = f"{n} step{'' if n == 1 else 's'}"
+    if result.strategy == "stepwise":
+        accepted = sum(s.author == "speculator" and bool(s.candidates) for s in result.steps)
+        rejected = sum(s.author == "verifier" and bool(s.candidates) for s in result.steps)
+        direct = sum(not s.candidates for s in result.steps)
+        parts = [f"{accepted} drafted by the speculator and accepted" if accepted else "",
+                 f"{rejected} drafted, rejected and rewritten by the verifier" if rejected else "",
+                 f"{direct} written by the verifier without a draft" if direct else ""]
+        body = f"{steps}: {', '.join(p for p in parts if p)}" if n else steps
+    elif result.strategy in ("speculator", "verifier"):
+        body = f"{steps}, all by the {result.strategy} (a baseline: no other model involved)"
+    elif result.strategy == "majority":
+        model = result.config.get("search", {}).get("majority_model", "speculator")
+        body = f"{steps}: the majority answer of {len(result.candidates)} trajectories by the {model}"
+    elif result.strategy == "tree":
+        body = f"{steps}: the best leaf of the speculator's tree search, scored by the verifier"
+    else:  # best_of_n
+        body = f"{steps}: the best of {len(result.candidates)} speculator trajectories, scored by the verifier"
+    stopped = _STOPPED.get(result.finish)
+    return "; ".join([body, *([stopped] if stopped else []), f"{result.seconds * 1e3:.1f} ms"])
+
+
+def answer_line(result: RunResult, *, fmt: str) -> str:
+    """'answer: X', saying where X came from when the solution lacks the expected format, or what was expected."""
+    if result.answer is not None:
+        return f"answer: {result.answer}"
+    expected = expected_format(fmt)
+    if result.finish in CUT_OFF:  # its last number is not an answer
+        return f"answer: (none): {_STOPPED.get(result.finish, 'cut off')} before the solution wrote its {expected}"
+    found, source = final_answer(result.text, fmt=fmt)
+    if found is not None and source is not None:
+        return f"answer: {found} (read from {_SOURCES[source]}: the solution has no {expected})"
+    other = expected_format("boxed" if fmt == "answer_line" else "answer_line")
+    return (f"answer: (none): the solution has no {expected} (--answer-format {fmt}), no {other}, "
+            "no 'the answer is ...' and no number")
+
+
 def _run(args: argparse.Namespace) -> int:
-    problem = sys.stdin.read() if args.problem == "-" else args.problem
+    # Space around a question means nothing, but the models see it: `echo 37+45*3 | specreason run -` would
+    # otherwise solve "37+45*3\n", a prompt the built-in pair never saw.
+    problem = text_argument(args.problem, what="problem").strip()
     config = make_config(strategy=args.strategy, preset=args.preset, **_overrides(args))
+    trace = check_output_file(args.trace, flag="--trace") if args.trace else None
     reasoner = _reasoner(args)
     stream = not args.json and sys.stdout.isatty()
 
@@ -52,26 +156,21 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     result = reasoner.run(problem, config, on_step=on_step if stream else None)
-    if args.trace:
-        _write_json(Path(args.trace), result.to_json())
+    data = result.to_json()
+    data["final_answer"], data["final_answer_source"] = final_answer(
+        result.text, fmt=config.answer.format, cut_off=result.finish in CUT_OFF)
+    if trace is not None:
+        _write_atomic(trace, json.dumps(data, indent=2) + "\n", flag="--trace")
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(data, indent=2))
         return 0
     if stream:
         sys.stdout.write("\n")
     else:
         print(result.text)
-    accept = f", acceptance {result.acceptance:.2f}" if result.acceptance is not None else ""
-    print(f"answer: {result.answer if result.answer is not None else '(none)'}")
-    print(f"[{result.strategy}: {result.finish}, {len(result.steps)} steps, {result.speculator_steps} by the "
-          f"speculator{accept}, {result.seconds * 1e3:.1f} ms]", file=sys.stderr)
+    print(answer_line(result, fmt=config.answer.format))
+    print(f"{result.strategy}: {summary(result)}", file=sys.stderr)
     return 0
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonConfig]:
@@ -89,12 +188,17 @@ def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonCo
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate, plot, read_problems, table
+    from ..evaluate import evaluate, parse_fields, plot, read_problems, speedups, table
 
-    problems = read_problems(args.problems, limit=args.limit)
+    fields = parse_fields(args.fields) if args.fields else None
+    problems = read_problems(args.problems, limit=args.limit, fields=fields)
+    # Every output is checked before minutes of evaluation, not after.
+    records_path = check_output_file(args.records, flag="--records") if args.records else None
     if args.plot:
-        _check_plot(args.plot)  # refuse before minutes of evaluation, not after
+        _check_plot(args.plot)
     configs = _sweep(args, _overrides(args))
+    if args.baseline is not None and args.baseline not in configs:
+        raise ConfigError(f"--baseline {args.baseline!r} is not one of the strategies run: {', '.join(configs)}")
     reasoner = _reasoner(args)
     show = sys.stderr.isatty()
 
@@ -102,20 +206,22 @@ def _eval(args: argparse.Namespace) -> int:
         if show:
             print(f"\rproblem {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    records: list[dict] | None = [] if args.records else None
+    records: list[dict] | None = [] if records_path is not None else None
     report = evaluate(reasoner=reasoner, problems=problems, configs=configs, progress=progress, records=records)
     report["bundle"] = str(args.bundle)
     report["problems_file"] = str(args.problems)
-    if records is not None:
-        tmp = Path(args.records).with_name(Path(args.records).name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        tmp.replace(args.records)
+    baseline = args.baseline or ("verifier" if "verifier" in configs else next(iter(configs)))
+    report["speedup_baseline"] = baseline
+    for name, ratio in speedups(report, baseline=baseline).items():
+        report["strategies"][name]["speedup"] = ratio
+    if records is not None and records_path is not None:
+        _write_atomic(records_path, "".join(json.dumps(r) + "\n" for r in records), flag="--records")
     if args.plot:
         plot(report, args.plot)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(table(report))
+        print(table(report, baseline=baseline))
         if args.plot:
             print(f"plot: {args.plot}")
     return 0
@@ -126,12 +232,11 @@ def _check_plot(path: str) -> None:
 
     if importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot needs matplotlib: pip install 'specreason-rt[plot]'")
-    if not Path(path).parent.is_dir():
-        raise ConfigError(f"--plot: the folder of {path} does not exist")
+    check_output_file(path, flag="--plot")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, metavar="DIR")
+    add_bundle_argument(p)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="the seed's presets: n_specs / max_depth / temperature = default 4/8/0.7, "
                         "efficient 2/6/0.8, quality 8/12/0.6")
@@ -163,10 +268,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
     ev = sub.add_parser("eval", help="accuracy and latency of strategies on a JSONL problem set",
                         description="Run each strategy on every problem of FILE.jsonl (lines of {\"id\", "
-                        "\"question\", \"answer\"}) and print accuracy, mean/p50/p95 latency, tokens, acceptance "
-                        "rate and the speculator's share of steps. The built-in task's held-out split: "
-                        "python -m specreason_models.task --heldout FILE.")
-    ev.add_argument("--problems", required=True, metavar="FILE.jsonl")
+                        "\"question\", \"answer\"}, or see --fields) and print accuracy, mean/p50/p95 latency, "
+                        "speedup, tokens, acceptance rate and the speculator's share of steps. The built-in task's "
+                        "held-out split: python -m specreason_models.task --heldout FILE.")
+    ev.add_argument("--problems", required=True, metavar="FILE.jsonl",
+                    help="one JSON object per line; question and answer are read from question/answer, "
+                         "problem/solution, prompt/target or input/output (GSM8K's '#### X' and MATH's \\boxed{X} "
+                         "references are reduced to X)")
+    ev.add_argument("--fields", metavar="question=F,answer=F[,id=F]",
+                    help="the problem file's own field names, e.g. --fields question=query,answer=gold")
+    ev.add_argument("--baseline", metavar="NAME",
+                    help="the strategy speedups are relative to (default: verifier when run, else the first)")
     ev.add_argument("--strategy", nargs="+", default=["verifier", "speculator", "stepwise", "best_of_n"],
                     metavar="S", help=f"strategies to compare (from {', '.join(STRATEGIES)})")
     ev.add_argument("--thresholds", type=float, nargs="+", metavar="T",

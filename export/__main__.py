@@ -1,0 +1,8 @@
+"""`python -m specreason_export ...`, the same as the `specreason-export` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":  # not when a tool walks the package and imports every module
+    sys.exit(main())
