@@ -47,7 +47,7 @@ def _file_sizes(bundle: str, files: dict[str, str]) -> dict[str, int]:
 
 
 def _info(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.bundle)
+    manifest = load_manifest(args.bundle, integrity="full" if args.verify else "sizes")
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
         return 0
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="check a bundle (files, hashes, schema) and summarise its manifest")
     info.add_argument("--bundle", required=True, metavar="DIR")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    info.add_argument("--verify", action="store_true",
+                      help="re-hash every file against the manifest (loading checks paths and sizes only)")
     info.add_argument("--context", type=int, default=2048, help="tokens per branch for the memory estimate")
     info.add_argument("--branches", type=int, default=4, help="branches for the memory estimate")
     info.set_defaults(func=_info)
