@@ -90,7 +90,7 @@ def check_consistency(manifest: Manifest, *, raw: dict[str, Any]) -> str | None:
         if problem:
             return problem
     for role, facts in manifest.engines.items():
-        for field in ("file", "onnx", "timing_cache"):
+        for field in ("file", "onnx"):  # the timing cache is the builder's, never loaded by the runtime
             rel = getattr(facts, field)
             if rel not in manifest.files:
                 return (f"engines.{role}.{field} {rel!r} is not listed (with its hash) in files; rebuild the engines "
