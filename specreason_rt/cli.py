@@ -60,7 +60,7 @@ def _info(args: argparse.Namespace) -> int:
         context = min(args.context, a.max_context)
         kv = args.branches * context * a.kv_bytes_per_token()
         weights = sum(size for rel, size in _file_sizes(args.bundle, manifest.files).items()
-                      if rel.startswith(f"{role}/model.onnx"))
+                      if rel.startswith(e.file))  # the graph and its external data; roles may share it
         print(f"  {'':<10} memory: weights {weights / 2**20:.1f} MiB on disk; KV cache for {args.branches} "
               f"branches x {context} tokens: {kv / 2**20:.1f} MiB (fp32)")
     return 0
