@@ -289,3 +289,16 @@ def test_long_stages_report_that_they_still_run(capsys) -> None:
             time.sleep(0.02)
             seen += capsys.readouterr().err
     assert "[1/1] validate ..." in seen and "still running" in seen
+
+
+def test_bad_sources_fail_before_torch_is_imported(tmp_path: Path) -> None:
+    """A typo or an unreachable hub id is reported before the export stack (torch) is even imported."""
+    script = ("import sys\nfrom specreason_export.cli import main\n"
+              "code = main(['--speculator', sys.argv[1], '--out', sys.argv[2]])\n"
+              "assert code == 1 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for spec in ("no-such-model", "someorg/no-such-model"):
+        res = subprocess.run([sys.executable, "-c", script, spec, str(tmp_path / "b")], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert res.stderr.count("specreason-export: error:") == 1
