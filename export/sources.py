@@ -117,7 +117,8 @@ def _hub_unreachable(timeout: float) -> str | None:
     """Why the hub cannot be reached (one DNS lookup and one TCP connect), or None when it can."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    # The hub client reads HF_HUB_OFFLINE once at import; honour a value set later in this process too.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
     try:
