@@ -272,7 +272,14 @@ def write_bundle(opts: ExportOptions) -> Manifest:
 def _write(*, opts: ExportOptions, refs: dict[str, SourceRef], slot: OutputSlot) -> Manifest:
     # One source in both roles is loaded, exported and validated once; both roles name the one graph
     # (unless the verifier carries a value head, which makes its graph differ).
-    progress = Progress(total=2 + 2 * (3 if opts.precision != "fp32" else 2) + 1 + (2 if opts.trt else 0),
+    # Stage count: the graph is exported once when one source fills both roles and no value head makes the
+    # verifier's graph differ (a head comes from --value-head FILE or, by default, the built-in verifier).
+    verifier = refs["verifier"]
+    builtin_head = verifier.kind == "builtin" and verifier.ident == "verifier"
+    expect_shared = refs["speculator"] == verifier and (opts.value_head == "none"
+                                                        or (opts.value_head == "auto" and not builtin_head))
+    per_role = 3 if opts.precision != "fp32" else 2
+    progress = Progress(total=2 + per_role * (1 if expect_shared else 2) + 1 + (2 if opts.trt else 0),
                         enabled=opts.show_progress)
     sources: dict[str, Source] = {}
     for role in ROLES:
@@ -283,8 +290,7 @@ def _write(*, opts: ExportOptions, refs: dict[str, SourceRef], slot: OutputSlot)
     _check_free_space(slot.out.parent, unique, opts.precision)
     head = _value_head(opts.value_head, sources["verifier"])  # checked before anything is written
     shared_graph = refs["speculator"] == refs["verifier"] and head is None
-    if shared_graph:
-        progress.total -= 2 if opts.precision == "fp32" else 3
+    progress.total += per_role * (int(expect_shared) - int(shared_graph))  # 0 unless the guess above was wrong
     tmp = slot.tmp
     try:
         entries: dict[str, ModelEntry] = {}

@@ -140,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"specreason-export: error: {e}", file=sys.stderr)
         return 1
+    from .sources import HubOptions, preflight
+
+    try:  # before importing torch: a typo or an unreachable hub id is reported in a second or two
+        hub = HubOptions(revision=args.revision, cache_dir=args.cache_dir, token=args.token)
+        preflight([args.speculator, args.verifier], hub=hub)
+    except ExportError as e:
+        print(f"specreason-export: error: {e}", file=sys.stderr)
+        return 1
     try:
         from .bundle import ExportOptions, write_bundle
     except ImportError as e:
@@ -147,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
               "pip install 'specreason-rt[export]'", file=sys.stderr)
         return 2
     from .publish import interrupts_clean_up
-    from .sources import HubOptions
 
     try:
         delimiter = args.step_delimiter.encode().decode("unicode_escape")  # let users type \n\n on a shell
@@ -156,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
-        hub = HubOptions(revision=args.revision, cache_dir=args.cache_dir, token=args.token)
         opts = ExportOptions(hub=hub, speculator=args.speculator, verifier=args.verifier, out=args.out,
                              precision="fp32" if args.precision == "fp16" else args.precision, trt=trt_opts,
                              force=args.force, step_delimiter=delimiter,

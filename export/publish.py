@@ -76,7 +76,8 @@ def _identity(path: Path) -> tuple[int, ...] | None:
         d, m = path.stat(follow_symlinks=False), (path / "manifest.json").stat()
     except OSError:
         return None
-    return (d.st_dev, d.st_ino, m.st_ino, m.st_size, m.st_mtime_ns)
+    # ctime cannot be set by anyone (a copy keeps size and mtime, and a freed inode number is often reused).
+    return (d.st_dev, d.st_ino, d.st_ctime_ns, m.st_ino, m.st_size, m.st_mtime_ns, m.st_ctime_ns)
 
 
 class OutputSlot:
@@ -174,7 +175,8 @@ class OutputSlot:
         """Move the finished bundle to --out atomically (see the module docstring)."""
         (self.tmp / TEMP_MARK).unlink()
         exists = os.path.lexists(self.out)
-        if (self._checked is not None or exists) and _identity(self.out) != self._checked:
+        changed = exists if self._checked is None else _identity(self.out) != self._checked
+        if changed:
             (self.tmp / TEMP_MARK).write_text("")  # still ours: cleaned up on exit
             raise ExportError(f"{self.out} was created or changed by someone else during the export; nothing was "
                               "replaced and no bundle was written. Export again")
@@ -190,9 +192,13 @@ class OutputSlot:
                 os.rename(self.tmp, self.out)
                 shutil.rmtree(old, ignore_errors=True)
         except FileExistsError as e:
-            (self.tmp / TEMP_MARK).write_text("")
+            (self.tmp / TEMP_MARK).write_text("")  # still ours: removed on exit
             raise ExportError(f"{self.out} was created by someone else during the export; nothing was replaced "
                               "and no bundle was written. Export again") from e
+        except BaseException:
+            if self.tmp.is_dir():
+                (self.tmp / TEMP_MARK).write_text("")
+            raise
 
 
 @contextlib.contextmanager

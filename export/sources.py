@@ -28,7 +28,6 @@ from urllib.parse import urlparse
 from specreason_rt.manifest import sha256_file
 
 from .errors import ExportError
-from .graph import SUPPORTED_FAMILIES
 from .progress import Progress
 
 
@@ -64,6 +63,8 @@ class SourceRef:
 
 
 def _check_family(model_type: str | None, architectures: Any, where: str) -> None:
+    from .graph import SUPPORTED_FAMILIES  # imports torch: not needed by the checks that run before it
+
     if model_type not in SUPPORTED_FAMILIES:
         arch = ", ".join(architectures or []) or "unknown class"
         raise ExportError(f"{where}: unsupported architecture {model_type!r} ({arch}); "
@@ -116,7 +117,8 @@ def _hub_unreachable(timeout: float) -> str | None:
     """Why the hub cannot be reached (one DNS lookup and one TCP connect), or None when it can."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    # The hub client reads HF_HUB_OFFLINE once at import; honour a value set later in this process too.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
     try:
@@ -156,6 +158,16 @@ def _hub_config(ref: SourceRef, hub: HubOptions) -> tuple[Path, bool]:
         raise ExportError(f"{ref.ident}: no such repository on the hub (or it is private: pass --token)") from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise ExportError(f"{ref.ident}: cannot fetch config.json from the hub ({_first_line(e)})") from e
+
+
+def preflight(specs: list[str], *, hub: HubOptions = HubOptions()) -> list[SourceRef]:
+    """The checks that need no torch, run before the export stack is imported (seconds on a loaded machine):
+    each argument's shape, and each hub id's config.json from the hub or the local cache."""
+    refs = [resolve_source(spec) for spec in specs]
+    for ref in dict.fromkeys(refs):
+        if ref.local_dir is None:
+            _hub_config(ref, hub)
+    return refs
 
 
 def _gguf_family(path: Path) -> str | None:

@@ -232,7 +232,11 @@ def load_manifest(bundle_dir: str | Path, *, integrity: Integrity = "sizes") -> 
         engines={role: EngineFacts.from_json(f) for role, f in data.get("engines", {}).items()},
         sizes=dict(data.get("sizes", {})),
     )
-    problem = check_consistency(manifest)
+    # Every path the manifest names, confined first, so that a bad one is reported as such.
+    for rel in [*manifest.files, *(e.file for e in models.values()), *(e.tokenizer for e in models.values()),
+                *(getattr(f, k) for f in manifest.engines.values() for k in ("file", "onnx", "timing_cache"))]:
+        confined(bundle, rel, what="path")
+    problem = check_consistency(manifest, raw=data)
     if problem:
         raise BundleError(f"{path}: {problem}; fix it or re-export the bundle")
     check_files(bundle, files=manifest.files, sizes=manifest.sizes, integrity=integrity)

@@ -56,7 +56,8 @@ def _io_problem(entry: ModelEntry) -> str | None:
     return None
 
 
-def _entry_problem(role: str, entry: ModelEntry, manifest: Manifest) -> str | None:
+def _entry_problem(role: str, entry: ModelEntry, manifest: Manifest, raw_architecture: dict[str, Any]
+                   ) -> str | None:
     arch, gen = entry.architecture, entry.generation
     if entry.role != role:
         return f"models.{role}.role is {entry.role!r}"
@@ -67,7 +68,7 @@ def _entry_problem(role: str, entry: ModelEntry, manifest: Manifest) -> str | No
     ids = [gen.pad_id, *gen.eos_ids] + ([gen.bos_id] if gen.bos_id is not None else [])
     if max(ids) >= arch.vocab_size:
         return f"models.{role}.generation: token id {max(ids)} is outside the vocabulary of {arch.vocab_size}"
-    windows = getattr(arch, "attention_windows", None)  # an optional fact (written by newer exports)
+    windows = raw_architecture.get("attention_windows")  # an optional fact (written by newer exports)
     if windows is not None and len(windows) != arch.layers:
         return f"models.{role}.architecture: {len(windows)} attention_windows for {arch.layers} layers"
     if entry.value_head is not None and entry.value_head.get("input_size", arch.hidden) != arch.hidden:
@@ -81,14 +82,15 @@ def _entry_problem(role: str, entry: ModelEntry, manifest: Manifest) -> str | No
     return None
 
 
-def check_consistency(manifest: Manifest) -> str | None:
-    """The first disagreement between a schema-valid manifest's fields, or None."""
+def check_consistency(manifest: Manifest, *, raw: dict[str, Any]) -> str | None:
+    """The first disagreement between a schema-valid manifest's fields, or None. `raw` is the parsed JSON
+    (optional facts the dataclasses may not carry yet)."""
     for role, entry in manifest.models.items():
-        problem = _entry_problem(role, entry, manifest)
+        problem = _entry_problem(role, entry, manifest, raw["models"][role]["architecture"])
         if problem:
             return problem
     for role, facts in manifest.engines.items():
-        for field in ("file", "onnx", "timing_cache"):
+        for field in ("file", "onnx"):  # the timing cache is the builder's, never loaded by the runtime
             rel = getattr(facts, field)
             if rel not in manifest.files:
                 return (f"engines.{role}.{field} {rel!r} is not listed (with its hash) in files; rebuild the engines "

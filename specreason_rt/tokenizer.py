@@ -20,14 +20,20 @@ whether the delimiter is one token, split over several ("\\n" then "\\n"), or me
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import jinja2
 import jinja2.ext
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
@@ -54,13 +60,118 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+# Bounds on rendering a chat template (the template comes from the bundle, so it is input like any other):
+# real templates render a conversation in well under a millisecond into a few KB.
+MAX_TEMPLATE_OUTPUT_CHARS = 1 << 20
+TEMPLATE_DEADLINE_S = 2.0
+_MAX_EXPONENT = 256
+
+
+class TemplateLimitError(jinja2.exceptions.TemplateError):
+    """A chat template went past the rendering bounds (time, output size, one huge value)."""
+
+
+def _check_counts(args: Any, kwargs: dict[str, Any]) -> None:
+    # A width, count or padding argument past the output bound ("x"|center(10**9), s.ljust(...)) would
+    # build the huge value before its size could be checked: refuse it first.
+    for a in [*args, *kwargs.values()]:
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_TEMPLATE_OUTPUT_CHARS:
+            raise TemplateLimitError(f"an argument of {a} (at most {MAX_TEMPLATE_OUTPUT_CHARS})")
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, str | list | tuple | dict) and len(value) > MAX_TEMPLATE_OUTPUT_CHARS:
+        raise TemplateLimitError(f"a value of {len(value)} items (at most {MAX_TEMPLATE_OUTPUT_CHARS})")
+    return value
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        # `a ~ b` compiles to a join the sandbox does not see: check its result like any other value.
+        self.write("environment.checked(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox transformers renders in, with every value a template builds (operators, `~`, calls,
+    filters) limited in size, so no step can build a huge string or list (doubling in a loop included)."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+    code_generator_class = _BoundedCodeGenerator
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters = {name: _checked_filter(f) for name, f in self.filters.items()}
+
+    @staticmethod
+    def checked(value: Any) -> Any:
+        return _check_size(value)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
+            raise TemplateLimitError(f"an exponent of {right} (at most {_MAX_EXPONENT})")
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(count, int) \
+                        and len(seq) * count > MAX_TEMPLATE_OUTPUT_CHARS:
+                    raise TemplateLimitError(f"a repetition of {len(seq) * count} items "
+                                             f"(at most {MAX_TEMPLATE_OUTPUT_CHARS})")
+        return _check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's names
+        _check_counts(args, kwargs)
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+
+def _checked_filter(f: Any) -> Any:
+    @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_counts(args[1:], kwargs)  # args[0] is the filtered value (or jinja's context)
+        return _check_size(f(*args, **kwargs))
+
+    return checked
+
+
 def compile_chat_template(template: str) -> jinja2.Template:
-    """Compile a Hugging Face chat template in the environment transformers renders it in."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
+    """Compile a Hugging Face chat template in the environment transformers renders it in (bounded)."""
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _checked_filter(_tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(template)
+
+
+def render_bounded(template: jinja2.Template, variables: dict[str, Any], *,
+                   deadline_s: float = TEMPLATE_DEADLINE_S, max_chars: int = MAX_TEMPLATE_OUTPUT_CHARS) -> str:
+    """Render with a time limit and an output limit; TemplateLimitError past either.
+
+    Time: a trace function on the template's own frames (compiled templates run as Python code named
+    "<template>") checks the clock at every line, so a loop that prints nothing is stopped as well; other
+    frames are not traced. Output: the chunks are counted as they are produced.
+    """
+    deadline = time.monotonic() + deadline_s
+
+    def line_check(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise TemplateLimitError(f"rendering took longer than {deadline_s:g} s")
+        return line_check
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        return line_check if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        chunks, size = [], 0
+        for chunk in template.generate(**variables):
+            size += len(chunk)
+            if size > max_chars:
+                raise TemplateLimitError(f"the rendered prompt passed {max_chars} characters")
+            chunks.append(chunk)
+        return "".join(chunks)
+    finally:
+        sys.settrace(previous)
 
 
 class Tokenizer:
@@ -123,8 +234,11 @@ class Tokenizer:
             "documents": None,
         }
         try:
-            return str(self._template.render(**variables))
-        except jinja2.TemplateError as e:
+            return render_bounded(self._template, variables)
+        except TemplateLimitError as e:
+            raise TokenizerError(f"the chat template went past its bounds ({e}); fix the bundle's chat template "
+                                 "or pass the prompt as raw text") from e
+        except (jinja2.TemplateError, RecursionError) as e:
             raise TokenizerError(f"the chat template rejected the messages: {e}") from e
 
     def set_chat_template(self, template: str) -> None:

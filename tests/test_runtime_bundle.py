@@ -58,20 +58,26 @@ def test_missing_file(bundle_copy: Path) -> None:
 
 
 def test_hash_mismatch(bundle_copy: Path) -> None:
-    with open(bundle_copy / "speculator" / "model.onnx", "ab") as f:
+    path = bundle_copy / "verifier" / "model.onnx"
+    with open(path, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(BundleError, match="speculator/model.onnx does not match its hash"):
-        load_manifest(bundle_copy)
+    with pytest.raises(BundleError, match="verifier/model.onnx has .* bytes, the manifest records"):
+        load_manifest(bundle_copy)  # the cheap check at every load: sizes
+    data = bytearray(path.read_bytes()[:-1])
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))  # same size, one bit flipped
+    with pytest.raises(BundleError, match="verifier/model.onnx does not match its hash"):
+        load_manifest(bundle_copy, integrity="full")
 
 
 def test_io_names_must_match_the_graph(bundle_copy: Path) -> None:
+    """A renamed input no longer fits the attention variant: refused when the manifest loads, before any graph."""
     def rename(d: dict) -> None:
         d["models"]["speculator"]["io"]["inputs"][0]["name"] = "tokens"
 
     edit_manifest(bundle_copy, rename)
-    manifest = load_manifest(bundle_copy)
-    with pytest.raises(BundleError, match="are not in the manifest"):
-        OrtEngine.from_bundle(bundle_dir=bundle_copy, entry=manifest.models["speculator"])
+    with pytest.raises(BundleError, match=r"io.inputs do not fit .*unexpected \['tokens'\]"):
+        load_manifest(bundle_copy)
 
 
 class Runner:

@@ -82,7 +82,7 @@ def backends(manifest: Manifest) -> dict[str, tuple[bool, str]]:
 
 
 def _info(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.bundle)
+    manifest = load_manifest(args.bundle, integrity="full" if args.verify else "sizes")
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
         return 0
@@ -103,7 +103,7 @@ def _info(args: argparse.Namespace) -> int:
         context = min(args.context, a.max_context)
         kv = args.branches * context * a.kv_bytes_per_token()
         weights = sum(size for rel, size in _file_sizes(args.bundle, manifest.files).items()
-                      if rel.startswith(f"{role}/model.onnx"))
+                      if rel.startswith(e.file))  # the graph and its external data; roles may share it
         print(f"  {'':<10} memory: weights {weights / 2**20:.1f} MiB on disk; KV cache for {args.branches} "
               f"branches x {context} tokens: {kv / 2**20:.1f} MiB (fp32)")
     print("  backends (--provider):")
@@ -166,6 +166,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           "which --provider backends can run it.")
     add_bundle_argument(info)
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    info.add_argument("--verify", action="store_true",
+                      help="re-hash every file against the manifest (loading checks paths and sizes only)")
     info.add_argument("--context", type=int, default=2048, help="tokens per branch for the memory estimate")
     info.add_argument("--branches", type=int, default=4, help="branches for the memory estimate")
     info.set_defaults(func=_info)
