@@ -241,3 +241,19 @@ def test_two_level_inverse_cdf_matches_the_full_cumsum() -> None:
             assert (probs[np.arange(4), got] > 0).all()
             assert (got == np.minimum(expected, vocab - 1)).all() or np.allclose(
                 cdf[np.arange(4), got], cdf[np.arange(4), np.minimum(expected, vocab - 1)], rtol=1e-9)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 5e-6])
+def test_tiny_temperature_is_greedy_not_nan(temperature: float) -> None:
+    """Issue 11 finding 12: x / 1e-39 overflows float32 to inf and the draw became NaN (pad tokens)."""
+    logits = np.array([[1.0, 3.0, 2.0, 3.0], [-5.0, 0.5, 0.25, -1.0]], np.float32)
+    params = SamplingParams(temperature=temperature)
+    assert params.greedy
+    tokens, logprobs = sample(logits=logits, params=params, rng=np.random.default_rng(0))
+    assert tokens.tolist() == [1, 1] and np.isfinite(logprobs).all()
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
+def test_sampling_params_refuse_non_numbers() -> None:
+    with pytest.raises(SamplingError, match="temperature must be a number"):
+        SamplingParams(temperature="0.5")  # type: ignore[arg-type]

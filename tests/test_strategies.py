@@ -136,7 +136,7 @@ def test_rejected_drafts_leave_no_trace_in_either_cache(builtin_bundle: Path) ->
 
 
 def test_config_validation_errors_say_what_to_change() -> None:
-    with pytest.raises(ConfigError, match="n_specs must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"n_specs must be an integer in \[1, 1024\]"):
         make_config(**{"search.n_specs": 0})
     with pytest.raises(ConfigError, match="threshold must be a number >= 0"):
         make_config(**{"stepwise.threshold": -1})
@@ -239,3 +239,47 @@ def test_judge_mode_on_a_chat_model(smollm2_bundle: Path) -> None:
     for ctx in (spec, ver):
         assert ctx.tokenizer.decode(ctx.generated(0)) == result.text
     _assert_cache_is_fresh(ver)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 7.0, 10.0])
+def test_token_deltas_add_up_to_each_step_alone_and_batched(reasoner: Reasoner, threshold: float) -> None:
+    """on_token: the verifier's text as it writes a step, before that step's on_step; same in StepwiseBatch."""
+    from specreason_rt.strategies.batched import StepwiseBatch
+    from specreason_rt.trace import StepTrace, TokenDelta
+
+    config = cfg("stepwise", seed=3, **{"stepwise.threshold": threshold})
+    for batched in (False, True):
+        events: list[StepTrace | TokenDelta] = []
+        if batched:
+            batch, out = StepwiseBatch(bundle=reasoner.bundle), []
+            batch.admit([(Run(bundle=reasoner.bundle, problem="94-26-59", config=config, on_step=events.append,
+                              on_token=events.append), out.append)])
+            while len(batch):
+                batch.tick()
+            result = out[0]
+        else:
+            result = reasoner.run("94-26-59", config, on_step=events.append, on_token=events.append)
+        streamed: dict[int, str] = {}
+        for e in events:
+            if isinstance(e, TokenDelta):
+                assert e.author == "verifier"
+                streamed[e.step] = streamed.get(e.step, "") + e.text
+            else:
+                assert e.text.startswith(streamed.get(e.index, ""))
+        verifier_steps = [s for s in result.steps if s.author == "verifier"]
+        assert all(s.index in streamed for s in verifier_steps if s.text)
+        assert not any(s.index in streamed for s in result.steps if s.author == "speculator")
+        if threshold == 10.0:
+            assert max(len(s.text) for s in verifier_steps) > 1 and streamed
+
+
+def test_a_chat_and_raw_text_prompt(reasoner: Reasoner) -> None:
+    from specreason_rt.prompt import Prompt
+
+    one = reasoner.run("12+34", cfg("stepwise"))
+    assert reasoner.run(Prompt.chat([{"role": "user", "content": "12+34"}]), cfg("stepwise")).text == one.text
+    with pytest.raises(ConfigError, match="last message must be a non-empty user message"):
+        Prompt.chat([{"role": "user", "content": "12+34"}, {"role": "assistant", "content": "46"}])
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        Prompt.text("1+\ud800")
+    assert reasoner.run(Prompt.text("12+34=46\n\n"), cfg("verifier")).text is not None

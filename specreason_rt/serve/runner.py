@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -65,6 +66,13 @@ class GuardedH11(H11Protocol):
             self._arm()  # the first bytes of a request on a kept-alive connection start the clock
         else:
             self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Answered before the client sent its whole body (413, 408, an early 4xx): the rest of that body would
+        # have to be read before another request, so the connection ends here instead of idling.
+        if self.conn.their_state not in (h11.DONE, h11.IDLE) and not self.transport.is_closing():
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
