@@ -36,8 +36,9 @@ from .progress import Progress
 from .trt_onnx_support import CONSTANT_INPUTS, ONNX_TYPE_NAMES, OPSET_RANGE, SOURCE, SUPPORTED
 
 TRT_MISSING = ("TensorRT is not installed: --trt and --engines-only need its Python package and cuda-python on a "
-               "machine with an NVIDIA GPU. Install them with pip install 'specreason-rt[trt]' (TensorRT wheels come "
-               "from NVIDIA's package index; on Jetson, TensorRT ships with JetPack): see runtime/README.md")
+               "machine with an NVIDIA GPU. Install them with pip install 'specreason-rt[trt-cu12]' "
+               "([trt-cu13] for CUDA 13; TensorRT wheels come from NVIDIA's package index; on Jetson, TensorRT "
+               "ships with JetPack): see runtime/README.md")
 TIMING_CACHE = "trt/timing.cache"
 ENGINE_PRECISIONS = ("fp32", "fp16")
 # Kept in fp32 inside an fp16 network (strong typing): the RMSNorm reduction and the attention softmax.

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from .errors import BundleError, ConfigError
 from .kv_cache import KVCache
 from .manifest import ModelEntry
-from .providers import PROVIDERS, ProviderSpec, resolve_providers
+from .providers import PROVIDERS, ProviderSpec, check_session_providers, resolve_providers
 
 __all__ = ["PROVIDERS", "OrtEngine", "resolve_providers"]  # the provider names moved to providers.py
 
@@ -39,8 +39,10 @@ class OrtEngine:
             # session's run when two models alternate (a reasoning run): measured 1.6x slower stepwise runs.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), opts,
-                                            providers=list(providers or ["CPUExecutionProvider"]))
+        requested = list(providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(model_path), opts, providers=requested)
+        # ONNX Runtime falls back to the next provider (with a warning at most) when one cannot load: refuse that.
+        check_session_providers(requested=requested, actual=self.session.get_providers(), model=str(model_path))
         if expected_inputs is not None:
             expected, actual = set(expected_inputs), {i.name for i in self.session.get_inputs()}
             if expected != actual:

@@ -39,8 +39,8 @@ from .trt_plan import (
     step_mask_positions,
 )
 
-TRT_INSTALL_HINT = ("pip install 'specreason-rt[trt]' (TensorRT and cuda-python wheels; on Jetson, TensorRT comes "
-                    "with JetPack: see runtime/README.md)")
+TRT_INSTALL_HINT = ("pip install 'specreason-rt[trt-cu12]' (TensorRT 10 and cuda-python 12 wheels; [trt-cu13] for "
+                    "CUDA 13 / TensorRT 11; on Jetson, TensorRT comes with JetPack: see runtime/README.md)")
 ALIGN = 256  # bytes: CUDA allocations are 256-aligned; keep packed tensors so as well
 
 

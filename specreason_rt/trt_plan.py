@@ -123,6 +123,22 @@ def plan_profiles(*, limits: EngineLimits, inputs: list[dict[str, Any]], min_pas
     return profiles
 
 
+def spanning_profile(profiles: list[Profile], *, name: str = "all") -> Profile:
+    """One profile whose ranges hold every shape any of `profiles` holds: axis by axis, min of the mins and max of
+    the maxes; opt from the first profile (decode: the regime that runs most often), clamped into the range.
+
+    For ONNX Runtime's TensorRT EP, whose execution context stays on optimization profile 0 (the EP parses and
+    builds several, but does not switch: microsoft/onnxruntime PR #31624, open): a ragged prefill outside the
+    decode profile would fail. The native backend keeps one profile per regime and switches itself.
+    """
+    shapes = {}
+    for tensor, (_, opt, _) in profiles[0].shapes.items():
+        lo = tuple(min(dims) for dims in zip(*(p.shapes[tensor][0] for p in profiles), strict=True))
+        hi = tuple(max(dims) for dims in zip(*(p.shapes[tensor][2] for p in profiles), strict=True))
+        shapes[tensor] = (lo, tuple(min(max(o, a), b) for o, a, b in zip(opt, lo, hi, strict=True)), hi)
+    return Profile(name=name, shapes=shapes)
+
+
 def step_dims(*, inputs: list[dict[str, Any]], branches: int, new_tokens: int, past_tokens: int,
               logit_positions: int) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every graph input for one call."""

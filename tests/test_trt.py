@@ -370,7 +370,8 @@ def test_export_trt_without_tensorrt_says_what_to_install(tmp_path: Path, capsys
 
     assert main(["--trt", "--out", str(tmp_path / "b"), "-q"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "TensorRT is not installed" in err and "pip install 'specreason-rt[trt]'" in err
+    assert err.count("\n") == 1 and "TensorRT is not installed" in err
+    assert "pip install 'specreason-rt[trt-cu12]'" in err
     assert not (tmp_path / "b").exists()
 
 
@@ -379,7 +380,7 @@ def test_runtime_trt_backend_without_tensorrt_says_what_to_install(tiny_plain_bu
     from specreason_rt.bundle import Bundle
     from specreason_rt.providers import ProviderConfig
 
-    with pytest.raises(ConfigError, match=r"tensorrt Python package.*pip install 'specreason-rt\[trt\]'"):
+    with pytest.raises(ConfigError, match=r"tensorrt Python package.*pip install 'specreason-rt\[trt-cu12\]'"):
         Bundle(tiny_plain_bundle, roles=["verifier"], providers=ProviderConfig(name="trt"))
 
 
@@ -406,3 +407,16 @@ def test_trt_export_forces_plain_attention_and_refuses_gqa() -> None:
         ExportOptions(trt=TrtOptions(), attention="gqa")
     with pytest.raises(ExportError, match="engine precision must be fp32 or fp16"):
         TrtOptions(precision="int8")
+
+
+def test_the_spanning_profile_holds_every_regime(tiny_plain_bundle: Path) -> None:
+    from specreason_rt.trt_plan import spanning_profile
+
+    inputs = plain_inputs(tiny_plain_bundle)
+    profiles = plan_profiles(limits=LIMITS, inputs=inputs, min_past=0)
+    one = spanning_profile(profiles)
+    for branches, new, past, k in ((8, 1, 128, 1), (3, 7, 40, 7), (1, 64, 0, 1), (8, 64, 128, 16), (5, 1, 0, 1)):
+        dims = step_dims(inputs=inputs, branches=branches, new_tokens=new, past_tokens=past, logit_positions=k)
+        assert one.holds(dims)
+    assert not one.holds(step_dims(inputs=inputs, branches=9, new_tokens=1, past_tokens=1, logit_positions=1))
+    assert one.shapes["input_ids"] == ((1, 1), (8, 1), (8, 64))  # opt: decode's
