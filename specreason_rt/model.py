@@ -49,15 +49,14 @@ class RoleModel:
                 intra_op_threads = 1
             self.engine = OrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, providers=specs,
                                                 intra_op_threads=intra_op_threads, spin=spin)
-        if isinstance(self.engine, OrtEngine) and (entry.value_head is not None) != self.engine.has_value:
+        if (entry.value_head is not None) != self.engine.has_value:
             raise BundleError(f"{entry.file}: the manifest {'lists' if entry.value_head else 'has no'} value head but "
                               f"the graph {'lacks' if entry.value_head else 'has'} the output `value`; "
                               "re-export the bundle")
 
     @property
     def has_value_head(self) -> bool:
-        # Only the ONNX Runtime engine fetches the `value` output so far.
-        return isinstance(self.engine, OrtEngine) and self.engine.has_value
+        return self.engine.has_value  # both backends fetch the `value` output (step_with_values)
 
     def new_cache(self, *, branches: int = 1, capacity: int = 256) -> KVCache:
         if isinstance(self.engine, TrtEngine):
@@ -98,7 +97,6 @@ class RoleModel:
         else:
             index = np.maximum(n_new - 1, 0)[:, None]  # [branches, 1]: only what the sampler needs
         if values:
-            assert isinstance(self.engine, OrtEngine)  # has_value_head said so
             logits, value = self.engine.step_with_values(cache=cache, input_ids=ids, n_new=n_new, logits_index=index)
             return (logits, value) if all_logits else (logits[:, 0], value[:, 0])
         logits = self.engine.step(cache=cache, input_ids=ids, n_new=n_new, logits_index=index)
