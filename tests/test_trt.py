@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from specreason_export.trt import onnx_op_problems, to_fp16_onnx
+from specreason_export.trt import fp32_tensors, kv_cache_io, onnx_op_problems, rotary_nodes, to_fp16_onnx
 from specreason_export.trt_onnx_support import ONNX_TYPE_NAMES, SOURCE, SUPPORTED
 from specreason_rt.engine import OrtEngine
 from specreason_rt.errors import BundleError, CacheLimitError, ConfigError
@@ -433,16 +433,84 @@ def test_the_pinned_support_matrix_names_its_source() -> None:
     assert "GroupQueryAttention" not in SUPPORTED and "MatMulInteger" not in SUPPORTED
 
 
+def fp16_copy(bundle: Path, role: str, dst: Path, **kwargs: int) -> Path:
+    entry = load_manifest(bundle).models[role]
+    to_fp16_onnx(bundle / role / "model.onnx", dst, kv_names=kv_cache_io(entry.kv_cache, entry.architecture.layers),
+                 **kwargs)
+    return dst
+
+
 def test_plain_graphs_use_only_what_the_tensorrt_parser_supports(tiny_plain_bundle: Path, tmp_path: Path) -> None:
     for role in ("speculator", "verifier"):
         path = tiny_plain_bundle / role / "model.onnx"
         assert onnx_op_problems(onnx.load(str(path))) == []
-        half = tmp_path / f"{role}-fp16.onnx"
-        to_fp16_onnx(path, half)  # what a TensorRT 11 fp16 build parses
-        model = onnx.load(str(half))
+        model = onnx.load(str(fp16_copy(tiny_plain_bundle, role, tmp_path / f"{role}-fp16.onnx")))  # TensorRT 11
         onnx.checker.check_model(model)
         assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
         assert onnx_op_problems(model) == []
+
+
+def test_fp16_networks_keep_norms_softmax_and_the_rotary_chain_in_fp32(tiny_plain_bundle: Path) -> None:
+    graph = onnx.load(str(tiny_plain_bundle / "verifier" / "model.onnx"), load_external_data=False).graph
+    by_name = {n.name: n for n in graph.node}
+    rotary = rotary_nodes(graph)
+    ops = sorted({by_name[n].op_type for n in rotary})
+    assert {"Cos", "Sin", "Mul", "Cast", "Constant"} <= set(ops) and "MatMul" not in ops
+    # Every node on a path from position_ids to cos/sin is in; nothing computed from the hidden states is.
+    assert all("layers" not in n and "attn" not in n for n in rotary), rotary
+    kept = fp32_tensors(graph)
+    for node in graph.node:
+        if node.op_type in ("Pow", "ReduceMean", "Softmax", "Cos", "Sin"):
+            assert set(node.output) <= kept
+        if node.op_type == "MatMul":
+            assert not set(node.output) & kept
+
+
+def test_the_fp16_graph_keeps_fp32_angles_and_an_fp16_kv_cache(tiny_plain_bundle: Path, tmp_path: Path) -> None:
+    """TensorRT 11 builds fp16 engines from this graph. Its KV cache inputs/outputs are fp16 (keep_io_types=True
+    kept them fp32: double the memory and a cast per layer); ids, mask and logits keep their types; no node of
+    the rotary chain reads an fp16 round trip (the converter casts between blocked nodes: folded); and the graph
+    runs on ONNX Runtime CPU close to the fp32 one."""
+    import onnxruntime as ort
+
+    entry = load_manifest(tiny_plain_bundle).models["verifier"]
+    arch = entry.architecture
+    half = fp16_copy(tiny_plain_bundle, "verifier", tmp_path / "v16.onnx")
+    model = onnx.load(str(half))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    for name in kv_cache_io(entry.kv_cache, arch.layers):
+        assert types[name] == TensorProto.FLOAT16, name
+    assert types["input_ids"] == TensorProto.INT64 and types["logits"] == TensorProto.FLOAT
+    producer = {out: n for n in model.graph.node for out in n.output}
+    chain = set(rotary_nodes(onnx.load(str(tiny_plain_bundle / "verifier" / "model.onnx")).graph))
+    for node in model.graph.node:
+        if node.name in chain:
+            for name in node.input:
+                src = producer.get(name)
+                to = [a.i for a in src.attribute if a.name == "to"] if src is not None and src.op_type == "Cast" else []
+                assert to != [TensorProto.FLOAT16], f"{node.name} reads an fp16 value: {name}"
+    rng = np.random.default_rng(0)
+    n = arch.max_context - 1
+    feed = {"input_ids": rng.integers(3, arch.vocab_size, (2, n)), "position_ids": np.tile(np.arange(n), (2, 1)),
+            "attention_mask": np.ones((2, n), np.int64), "logits_index": np.array([[n - 1], [n - 1]])}
+    empty = np.zeros((2, arch.kv_heads, 0, arch.head_dim), np.float32)
+    for i in range(arch.layers):
+        feed.update({entry.kv_cache["past_key"].format(i): empty, entry.kv_cache["past_value"].format(i): empty})
+    full = ort.InferenceSession(str(tiny_plain_bundle / "verifier" / "model.onnx")).run(["logits"], feed)[0]
+    feed16 = {k: (v.astype(np.float16) if k.startswith("past") else v) for k, v in feed.items()}
+    halved = ort.InferenceSession(str(half)).run(["logits"], feed16)[0]
+    assert np.abs(full - halved).max() < 2e-2
+
+
+def test_the_fp16_conversion_works_from_paths_and_writes_external_data(tiny_plain_bundle: Path,
+                                                                      tmp_path: Path) -> None:
+    """Over 2 GB, an in-memory ModelProto cannot be shape-inferred or serialized: the conversion reads the model
+    by path (shape inference through infer_shapes_path) and writes weights as external data past a threshold
+    (here forced with a threshold of 0, on the tiny model; a real > 2 GB model was not run here)."""
+    half = fp16_copy(tiny_plain_bundle, "verifier", tmp_path / "big.onnx", external_over=0)
+    assert (tmp_path / "big.onnx.data").stat().st_size > 0
+    model = onnx.load(str(half))
+    assert onnx_op_problems(model) == []
 
 
 def test_the_gqa_graph_is_not_for_tensorrt(tiny_bundle: Path) -> None:
