@@ -58,3 +58,24 @@ def test_cuda13_extras_take_tensorrt11_and_cuda13_packages() -> None:
 def test_the_short_names_are_the_cuda12_extras() -> None:
     assert resolved("trt") == resolved("trt-cu12")
     assert resolved("gpu") == resolved("gpu-cu12")
+
+
+CONTAINERS = PYPROJECT.parent / "runtime" / "containers"
+
+
+def test_the_jetson_image_names_no_base_it_cannot_pull_and_asks_the_driver_first() -> None:
+    """`l4t-jetpack:r36.4.0` alone would be looked up on Docker Hub, where it is not: the base must be passed with
+    its registry prefix. On L4T, PyPI's aarch64 cuda-python is unconfirmed: the container starts with the device
+    check (cudaGetDeviceCount, then the device KV cache)."""
+    text = (CONTAINERS / "Dockerfile.jetson").read_text()
+    assert "\nARG BASE_IMAGE\n" in text and "ARG BASE_IMAGE=" not in text
+    cmd = next(line for line in text.splitlines() if line.startswith("CMD"))
+    assert cmd.index("runtime/device_smoke") < cmd.index("--engines-only") < cmd.index("runtime/latency_test")
+
+
+def test_the_x86_image_ends_with_exactly_one_onnxruntime() -> None:
+    text = (CONTAINERS / "Dockerfile.x86-gpu").read_text()
+    assert "'.[export,trt-cu12]'" in text
+    assert text.index("pip uninstall -y onnxruntime onnxruntime-gpu") < text.index("pip install --no-cache-dir "
+                                                                                   "'onnxruntime-gpu[cuda,cudnn]")
+    assert "assert d() == ['onnxruntime-gpu']" in text
