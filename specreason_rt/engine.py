@@ -66,14 +66,31 @@ class OrtEngine:
         # refilled in place; re-binding costs ~5 us per tensor per call, a few % of a tiny model's step.
         self._inputs: dict[str, np.ndarray] = {}
         self._logits_out: np.ndarray | None = None
+        self.cache_shape: tuple[int, int, int] | None = None  # (kv_heads, head_dim, max_context), from a bundle
 
     @classmethod
     def from_bundle(cls, *, bundle_dir: str | Path, entry: ModelEntry, providers: Sequence[ProviderSpec] | None = None,
                     intra_op_threads: int = 0, spin: bool = True) -> OrtEngine:
-        return cls(model_path=Path(bundle_dir) / entry.file, layers=entry.architecture.layers,
-                   kv_names=entry.kv_cache, attention=entry.kv_cache.get("attention", "plain"),
-                   expected_inputs=[t["name"] for t in entry.io["inputs"]],
-                   providers=providers, intra_op_threads=intra_op_threads, spin=spin)
+        engine = cls(model_path=Path(bundle_dir) / entry.file, layers=entry.architecture.layers,
+                     kv_names=entry.kv_cache, attention=entry.kv_cache.get("attention", "plain"),
+                     expected_inputs=[t["name"] for t in entry.io["inputs"]],
+                     providers=providers, intra_op_threads=intra_op_threads, spin=spin)
+        arch = entry.architecture
+        engine.cache_shape = (arch.kv_heads, arch.head_dim, arch.max_context)
+        return engine
+
+    def new_cache(self, *, branches: int, capacity: int, max_bytes: int | None) -> KVCache:
+        """A host KV cache for this model (engine_api.Engine); needs the facts from_bundle read."""
+        if self.cache_shape is None:
+            raise ConfigError("this engine was built from a bare model path: create KVCache yourself")
+        kv_heads, head_dim, max_context = self.cache_shape
+        return KVCache(layers=self.layers, kv_heads=kv_heads, head_dim=head_dim, branches=branches,
+                       max_context=max_context, capacity=capacity, max_bytes=max_bytes)
+
+    def close(self) -> None:
+        """Drop the session and the bindings (engine_api.Engine); ONNX Runtime frees them with the objects."""
+        self._binding, self._bound_arrays, self._inputs, self._logits_out = None, [], {}, None
+        self.session = None
 
     def step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
              ) -> np.ndarray:

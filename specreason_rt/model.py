@@ -18,6 +18,7 @@ from typing import Literal, overload
 import numpy as np
 
 from .engine import OrtEngine
+from .engine_api import Engine
 from .errors import BundleError, ConfigError
 from .kv_cache import KVCache
 from .manifest import EngineFacts, ModelEntry
@@ -38,7 +39,7 @@ class RoleModel:
         self.kv_limit_bytes = kv_limit_bytes
         self.arch = entry.architecture
         self.generation = entry.generation
-        self.engine: OrtEngine | TrtEngine
+        self.engine: Engine
         if isinstance(providers, ProviderConfig) and providers.native_trt:
             # The native TensorRT backend: the bundle's prebuilt engine, KV cache on the GPU (providers.py).
             self.engine = TrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, facts=engine_facts,
@@ -59,11 +60,7 @@ class RoleModel:
         return self.engine.has_value  # both backends fetch the `value` output (step_with_values)
 
     def new_cache(self, *, branches: int = 1, capacity: int = 256) -> KVCache:
-        if isinstance(self.engine, TrtEngine):
-            return self.engine.new_cache(branches=branches, capacity=capacity, max_bytes=self.kv_limit_bytes)
-        return KVCache(layers=self.arch.layers, kv_heads=self.arch.kv_heads, head_dim=self.arch.head_dim,
-                       branches=branches, max_context=self.arch.max_context, capacity=capacity,
-                       max_bytes=self.kv_limit_bytes)
+        return self.engine.new_cache(branches=branches, capacity=capacity, max_bytes=self.kv_limit_bytes)
 
     @overload
     def forward(self, *, cache: KVCache, tokens: list[list[int]], all_logits: bool = False,

@@ -648,3 +648,24 @@ def test_engine_scratch_buffers_are_freed_on_close() -> None:
     assert cache.address in memory.buffers
     pool.close()
     assert memory.buffers == {}
+
+
+def test_both_backends_meet_the_engine_interface(tiny_plain_bundle: Path) -> None:
+    import inspect
+
+    from specreason_rt.engine_api import Engine
+    from specreason_rt.trt_engine import TrtEngine
+
+    entry = load_manifest(tiny_plain_bundle).models["verifier"]
+    ort_engine = OrtEngine.from_bundle(bundle_dir=tiny_plain_bundle, entry=entry)
+    assert isinstance(ort_engine, Engine)
+    cache = ort_engine.new_cache(branches=2, capacity=8, max_bytes=None)
+    assert (cache.branches, cache.capacity, cache.kv_heads) == (2, 8, entry.architecture.kv_heads)
+    ort_engine.close()
+    members = [m for m in dir(Engine) if not m.startswith("_")]
+    assert set(members) >= {"new_cache", "step", "step_with_values", "close"}
+    for name in ("new_cache", "step", "step_with_values", "close"):
+        expected = inspect.signature(getattr(Engine, name)).parameters.keys()
+        assert inspect.signature(getattr(TrtEngine, name)).parameters.keys() == expected, name
+    init = inspect.getsource(TrtEngine.__init__)
+    assert "self.has_value =" in init and "self.ort_seconds =" in init
