@@ -295,7 +295,7 @@ def constrain_fp32(*, trt: Any, network: Any, tensors: set[str]) -> int:
     """Keep in fp32 every layer of a weakly typed network that produces one of `tensors`; return how many.
 
     Float outputs are typed fp32; the layer's precision is set only where all its inputs are floats too (a
-    Cast from int64 positions has no float precision to set)."""
+    Cast from int64 positions has no float precision to set) and the layer computes something (not a constant)."""
     floats = (trt.DataType.FLOAT, trt.DataType.HALF)
     count = 0
     for i in range(network.num_layers):
@@ -304,8 +304,8 @@ def constrain_fp32(*, trt: Any, network: Any, tensors: set[str]) -> int:
         if not any(t is not None and t.name in tensors for t in outputs):
             continue
         inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
-        if all(t is None or t.dtype in floats for t in inputs):
-            layer.precision = trt.DataType.FLOAT
+        if layer.type != trt.LayerType.CONSTANT and all(t is None or t.dtype in floats for t in inputs):
+            layer.precision = trt.DataType.FLOAT  # a constant's output type is all it has
         for j, tensor in enumerate(outputs):
             if tensor is not None and tensor.dtype in floats:
                 layer.set_output_type(j, trt.DataType.FLOAT)
