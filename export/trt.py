@@ -5,10 +5,14 @@ Runtime contrib op the TensorRT parser does not know), with one optimization pro
 decode, verify, prefill; each for branches 1..max_branches (specreason_rt/trt_plan.py) — and a timing cache
 shared by both builds and kept in the bundle. Precision:
 
-  fp32  the ONNX as it is.
-  fp16  TensorRT 10: the builder flag FP16 on the fp32 network (weak typing; JetPack 6.2's TensorRT 10.3).
+  fp32  the ONNX as it is, with TF32 off (the builder enables it by default; it rounds matmul inputs to 10-bit
+        mantissas, which moved the built-in verifier's logits by 3.4e-2 when its weights were so rounded on CPU).
+  fp16  TensorRT 10: the builder flag FP16 on the fp32 network (weak typing; JetPack 6.2's TensorRT 10.3), with
+        the layers of fp32_tensors() (RMSNorm's Pow/ReduceMean/Sqrt, softmax, the rotary angle chain) constrained
+        to fp32 under OBEY_PRECISION_CONSTRAINTS: without constraints TensorRT may run them in fp16 and overflow.
         TensorRT 11 has no weak typing: the network is parsed strongly typed from an fp16 copy of the ONNX
-        (ONNX Runtime's float16 converter, inputs/outputs kept fp32, norms and softmax kept fp32).
+        (ONNX Runtime's float16 converter, converting from the path so that models over 2 GB work; the same
+        nodes kept fp32; ids, masks and logits fp32, the KV cache fp16).
 
 Before any build the graph is checked against the TensorRT ONNX parser's documented support matrix, pinned in
 trt_onnx_support.py. What was built is recorded in the manifest's `engines` section (EngineFacts). Engines are
@@ -36,11 +40,14 @@ from .progress import Progress
 from .trt_onnx_support import CONSTANT_INPUTS, ONNX_TYPE_NAMES, OPSET_RANGE, SOURCE, SUPPORTED
 
 TRT_MISSING = ("TensorRT is not installed: --trt and --engines-only need its Python package and cuda-python on a "
-               "machine with an NVIDIA GPU. Install them with pip install 'specreason-rt[trt]' (TensorRT wheels come "
-               "from NVIDIA's package index; on Jetson, TensorRT ships with JetPack): see runtime/README.md")
+               "machine with an NVIDIA GPU. Install them with pip install 'specreason-rt[trt-cu12]' "
+               "([trt-cu13] for CUDA 13; TensorRT wheels come from NVIDIA's package index; on Jetson, TensorRT "
+               "ships with JetPack): see runtime/README.md")
 TIMING_CACHE = "trt/timing.cache"
 ENGINE_PRECISIONS = ("fp32", "fp16")
-# Kept in fp32 inside an fp16 network (strong typing): the RMSNorm reduction and the attention softmax.
+# Kept in fp32 inside an fp16 network: the RMSNorm reduction and the attention softmax (by operator), and the
+# rotary angle chain (by position in the graph, rotary_nodes()): in fp16, position x frequency has a spacing of
+# 0.25 at 500, so cos/sin are off by 0.08 at position 500 and 0.21 at 2000 (head size 64).
 FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Softmax"]
 OUTPUT_TYPED = ("Cast", "Constant", "ConstantOfShape")  # operators whose output type is an attribute
 
@@ -135,15 +142,125 @@ def check_onnx_for_trt(path: Path) -> None:
                           f"{shown}. Export with --attention plain at fp32")
 
 
-def to_fp16_onnx(src: Path, dst: Path) -> None:
-    """An fp16 copy of an fp32 graph for a strongly typed build: fp32 inputs/outputs, FP32_OPS kept fp32."""
+def rotary_nodes(graph: Any) -> list[str]:
+    """Names of the nodes that compute rotary angles and their cos/sin: those on a path from the position_ids
+    input to a Cos or Sin node, the Constant nodes they read (the inverse frequencies: rounded to fp16 they
+    move the angles as much as the product does), and the Cos/Sin nodes themselves."""
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producer = {out: node for node in graph.node for out in node.output}
+    downstream, todo = set(), ["position_ids"]  # tensors reachable from the positions
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            for out in node.output:
+                if out not in downstream:
+                    downstream.add(out)
+                    todo.append(out)
+    trig = [n for n in graph.node if n.op_type in ("Cos", "Sin") and set(n.input) & (downstream | {"position_ids"})]
+    chain, todo = {n.name for n in trig}, [i for n in trig for i in n.input]
+    seen: set[str] = set()
+    while todo:
+        tensor = todo.pop()
+        node = producer.get(tensor)
+        if tensor in seen or node is None:
+            continue
+        if tensor not in downstream:  # not computed from the positions: only the constants (inv_freq, scales)
+            if node.op_type == "Constant":
+                chain.add(node.name)
+            continue
+        seen.add(tensor)
+        chain.add(node.name)
+        todo.extend(node.input)
+    return [n.name for n in graph.node if n.name in chain]
+
+
+def fp32_nodes(graph: Any) -> list[str]:
+    """The nodes an fp16 engine keeps in fp32: FP32_OPS by operator and the rotary chain."""
+    rotary = set(rotary_nodes(graph))
+    return [n.name for n in graph.node if n.op_type in FP32_OPS or n.name in rotary]
+
+
+def fp32_tensors(graph: Any) -> set[str]:
+    """Output tensor names of fp32_nodes: TensorRT's ONNX parser names each node's output tensors after the ONNX
+    outputs, so these find the layers to constrain in a weakly typed network."""
+    keep = set(fp32_nodes(graph))
+    return {out for n in graph.node if n.name in keep for out in n.output}
+
+
+def kv_cache_io(entry_kv: dict[str, str], layers: int) -> list[str]:
+    """The graph inputs/outputs that carry the KV cache (kept fp16 in an fp16 network: half the memory)."""
+    return [entry_kv[k].format(i) for k in ("past_key", "past_value", "new_key", "new_value") for i in range(layers)]
+
+
+def fold_fp16_round_trips(graph: Any, *, fp32_nodes: set[str]) -> int:
+    """Remove Cast(fp32 -> fp16) -> Cast(fp16 -> fp32) pairs: consumers of the second read the fp32 tensor itself.
+
+    The float16 converter casts every blocked node's output to fp16 and back before the next blocked node, so a
+    chain kept in fp32 (the rotary angles) would still be rounded to fp16 between its nodes. A pair is folded only
+    where the first Cast's input is known to be fp32: an output of one of `fp32_nodes` (the blocked nodes, which
+    compute in fp32), of a Cast to fp32, or an fp32 graph input. Returns how many round trips were folded."""
+    import onnx
+
+    def cast_to(node: Any) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    graph_outputs = {o.name for o in graph.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == f32}
+
+    def is_fp32(tensor: str) -> bool:
+        node = producer.get(tensor)
+        if node is None:
+            return tensor in fp32_inputs
+        return cast_to(node) == f32 if node.op_type == "Cast" else node.name in fp32_nodes
+
+    folded, dropped = 0, set()
+    for node in graph.node:  # node: Cast(fp16 -> fp32) whose input comes from a Cast(fp32 -> fp16)
+        if cast_to(node) != f32 or node.output[0] in graph_outputs:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or cast_to(first) != f16 or not is_fp32(first.input[0]):
+            continue
+        for other in graph.node:
+            for i, name in enumerate(other.input):
+                if name == node.output[0]:
+                    other.input[i] = first.input[0]
+        dropped.add(id(node))
+        folded += 1
+    kept = [n for n in graph.node if id(n) not in dropped]
+    used = {name for n in kept for name in n.input} | graph_outputs
+    kept = [n for n in kept if cast_to(n) != f16 or n.output[0] in used]  # first casts nobody reads any more
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded
+
+
+def to_fp16_onnx(src: Path, dst: Path, *, kv_names: list[str] | None = None, external_over: int = 1 << 30) -> None:
+    """An fp16 copy of an fp32 graph for a strongly typed build: fp32_nodes kept fp32; every float input/output
+    kept fp32 except `kv_names` (the KV cache), which become fp16.
+
+    Converted from the path: the converter then runs shape inference with infer_shapes_path, which works past
+    protobuf's 2 GB limit (in-memory infer_shapes does not). Weights go to external data past `external_over`."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src))
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
+    skeleton = onnx.load(str(src), load_external_data=False)  # names and types only, no weights in memory
+    graph = skeleton.graph
+    kv = set(kv_names or [])
+    keep_fp32 = [v.name for v in [*graph.input, *graph.output] if v.name not in kv]
+    # Every blocked node keeps fp32 inputs and outputs; the converter does not bound node names by operator, so
+    # the norm / softmax operators are blocked by type and the rotary chain by name.
+    half = convert_float_to_float16(str(src), keep_io_types=keep_fp32, op_block_list=FP32_OPS,
+                                    node_block_list=rotary_nodes(graph))
+    fold_fp16_round_trips(half.graph, fp32_nodes=set(fp32_nodes(graph)))
     _sort_nodes(half.graph)  # the converter appends its Cast nodes; the TensorRT parser reads nodes in order
-    external = half.ByteSize() > (1 << 30)
+    weights = sum(len(t.raw_data) for t in half.graph.initializer)  # ByteSize() itself fails past 2 GB
+    external = weights > external_over
     onnx.save_model(half, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=dst.name + ".data" if external else None)
 
@@ -174,6 +291,40 @@ def _trt_major(trt: Any) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
+def constrain_fp32(*, trt: Any, network: Any, tensors: set[str]) -> int:
+    """Keep in fp32 every layer of a weakly typed network that produces one of `tensors`; return how many.
+
+    Float outputs are typed fp32; the layer's precision is set only where all its inputs are floats too (a
+    Cast from int64 positions has no float precision to set) and the layer computes something (not a constant)."""
+    floats = (trt.DataType.FLOAT, trt.DataType.HALF)
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if not any(t is not None and t.name in tensors for t in outputs):
+            continue
+        inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
+        if layer.type != trt.LayerType.CONSTANT and all(t is None or t.dtype in floats for t in inputs):
+            layer.precision = trt.DataType.FLOAT  # a constant's output type is all it has
+        for j, tensor in enumerate(outputs):
+            if tensor is not None and tensor.dtype in floats:
+                layer.set_output_type(j, trt.DataType.FLOAT)
+        count += 1
+    return count
+
+
+def attach_timing_cache(*, config: Any, data: bytes) -> None:
+    """Give the builder a timing cache from `data`, or an empty one when TensorRT refuses it (a cache from
+    another TensorRT version or GPU: create_timing_cache returns None or set_timing_cache returns False, and
+    the serialize() after the build would then fail on None)."""
+    cache = config.create_timing_cache(data) if data else None
+    # ignore_mismatch=False: a cache from another GPU is not reused
+    if cache is None or not config.set_timing_cache(cache, False):
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, False):
+            raise ExportError("TensorRT refused even an empty timing cache (see its log above)")
+
+
 def build_engine(*, trt: Any, onnx_path: Path, engine_path: Path, entry: ModelEntry, options: TrtOptions,
                  timing_cache: Path, limits: EngineLimits, work_dir: Path) -> tuple[str, list[dict[str, Any]], str]:
     """Parse, configure and build one engine into engine_path; update timing_cache.
@@ -183,7 +334,7 @@ def build_engine(*, trt: Any, onnx_path: Path, engine_path: Path, entry: ModelEn
     source = onnx_path
     if options.precision == "fp16" and strong:
         source = work_dir / f"{entry.role}-fp16.onnx"
-        to_fp16_onnx(onnx_path, source)
+        to_fp16_onnx(onnx_path, source, kv_names=kv_cache_io(entry.kv_cache, entry.architecture.layers))
         check_onnx_for_trt(source)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -197,10 +348,19 @@ def build_engine(*, trt: Any, onnx_path: Path, engine_path: Path, entry: ModelEn
                           + "; ".join(errors[:5]))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    if options.precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 engines would not be fp32-exact
     if options.precision == "fp16" and not strong:
+        import onnx
+
         config.set_flag(trt.BuilderFlag.FP16)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is not reused
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        keep = fp32_tensors(onnx.load(str(onnx_path), load_external_data=False).graph)
+        constrained = constrain_fp32(trt=trt, network=network, tensors=keep)
+        if not constrained:
+            raise ExportError(f"{entry.role}: none of the norm / softmax / rotary layers were found in the TensorRT "
+                              "network to keep in fp32; refusing an unconstrained fp16 engine")
+    attach_timing_cache(config=config, data=timing_cache.read_bytes() if timing_cache.is_file() else b"")
     profiles = plan_profiles(limits=limits, inputs=entry.io["inputs"], min_past=1)
     for profile in profiles:
         p = builder.create_optimization_profile()
@@ -214,7 +374,9 @@ def build_engine(*, trt: Any, onnx_path: Path, engine_path: Path, entry: ModelEn
                           "--trt-max-context)")
     engine_path.write_bytes(bytes(serialized))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    written = config.get_timing_cache()
+    if written is not None:
+        timing_cache.write_bytes(bytes(written.serialize()))
     kv_dtype = "float32"
     for i in range(network.num_inputs):
         tensor = network.get_input(i)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from .errors import BundleError, ConfigError
 from .kv_cache import KVCache
 from .manifest import ModelEntry
-from .providers import PROVIDERS, ProviderSpec, resolve_providers
+from .providers import PROVIDERS, ProviderSpec, check_session_providers, resolve_providers
 
 __all__ = ["PROVIDERS", "OrtEngine", "resolve_providers"]  # the provider names moved to providers.py
 
@@ -39,8 +39,10 @@ class OrtEngine:
             # session's run when two models alternate (a reasoning run): measured 1.6x slower stepwise runs.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), opts,
-                                            providers=list(providers or ["CPUExecutionProvider"]))
+        requested = list(providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(model_path), opts, providers=requested)
+        # ONNX Runtime falls back to the next provider (with a warning at most) when one cannot load: refuse that.
+        check_session_providers(requested=requested, actual=self.session.get_providers(), model=str(model_path))
         if expected_inputs is not None:
             expected, actual = set(expected_inputs), {i.name for i in self.session.get_inputs()}
             if expected != actual:
@@ -64,14 +66,31 @@ class OrtEngine:
         # refilled in place; re-binding costs ~5 us per tensor per call, a few % of a tiny model's step.
         self._inputs: dict[str, np.ndarray] = {}
         self._logits_out: np.ndarray | None = None
+        self.cache_shape: tuple[int, int, int] | None = None  # (kv_heads, head_dim, max_context), from a bundle
 
     @classmethod
     def from_bundle(cls, *, bundle_dir: str | Path, entry: ModelEntry, providers: Sequence[ProviderSpec] | None = None,
                     intra_op_threads: int = 0, spin: bool = True) -> OrtEngine:
-        return cls(model_path=Path(bundle_dir) / entry.file, layers=entry.architecture.layers,
-                   kv_names=entry.kv_cache, attention=entry.kv_cache.get("attention", "plain"),
-                   expected_inputs=[t["name"] for t in entry.io["inputs"]],
-                   providers=providers, intra_op_threads=intra_op_threads, spin=spin)
+        engine = cls(model_path=Path(bundle_dir) / entry.file, layers=entry.architecture.layers,
+                     kv_names=entry.kv_cache, attention=entry.kv_cache.get("attention", "plain"),
+                     expected_inputs=[t["name"] for t in entry.io["inputs"]],
+                     providers=providers, intra_op_threads=intra_op_threads, spin=spin)
+        arch = entry.architecture
+        engine.cache_shape = (arch.kv_heads, arch.head_dim, arch.max_context)
+        return engine
+
+    def new_cache(self, *, branches: int, capacity: int, max_bytes: int | None) -> KVCache:
+        """A host KV cache for this model (engine_api.Engine); needs the facts from_bundle read."""
+        if self.cache_shape is None:
+            raise ConfigError("this engine was built from a bare model path: create KVCache yourself")
+        kv_heads, head_dim, max_context = self.cache_shape
+        return KVCache(layers=self.layers, kv_heads=kv_heads, head_dim=head_dim, branches=branches,
+                       max_context=max_context, capacity=capacity, max_bytes=max_bytes)
+
+    def close(self) -> None:
+        """Drop the session and the bindings (engine_api.Engine); ONNX Runtime frees them with the objects."""
+        self._binding, self._bound_arrays, self._inputs, self._logits_out = None, [], {}, None
+        self.session = None
 
     def step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
              ) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from .engine import OrtEngine
+from .engine_api import Engine
 from .errors import BundleError, ConfigError
 from .kv_cache import KVCache
 from .manifest import EngineFacts, ModelEntry
@@ -63,7 +64,7 @@ class RoleModel:
         self.kv_limit_bytes = kv_limit_bytes
         self.arch = entry.architecture
         self.generation = entry.generation
-        self.engine: OrtEngine | TrtEngine
+        self.engine: Engine
         if isinstance(providers, ProviderConfig) and providers.native_trt:
             # The native TensorRT backend: the bundle's prebuilt engine, KV cache on the GPU (providers.py).
             self.engine = TrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, facts=engine_facts,
@@ -82,22 +83,17 @@ class RoleModel:
                 raise BundleError(f"{entry.file}: ONNX Runtime cannot load this graph ({first}); the file is "
                                   "truncated or not a graph of this bundle: re-export the bundle") from e
             check_graph_io(session=self.engine.session, entry=entry)
-        if isinstance(self.engine, OrtEngine) and (entry.value_head is not None) != self.engine.has_value:
+        if (entry.value_head is not None) != self.engine.has_value:
             raise BundleError(f"{entry.file}: the manifest {'lists' if entry.value_head else 'has no'} value head but "
                               f"the graph {'lacks' if entry.value_head else 'has'} the output `value`; "
                               "re-export the bundle")
 
     @property
     def has_value_head(self) -> bool:
-        # Only the ONNX Runtime engine fetches the `value` output so far.
-        return isinstance(self.engine, OrtEngine) and self.engine.has_value
+        return self.engine.has_value  # both backends fetch the `value` output (step_with_values)
 
     def new_cache(self, *, branches: int = 1, capacity: int = 256) -> KVCache:
-        if isinstance(self.engine, TrtEngine):
-            return self.engine.new_cache(branches=branches, capacity=capacity, max_bytes=self.kv_limit_bytes)
-        return KVCache(layers=self.arch.layers, kv_heads=self.arch.kv_heads, head_dim=self.arch.head_dim,
-                       branches=branches, max_context=self.arch.max_context, capacity=capacity,
-                       max_bytes=self.kv_limit_bytes)
+        return self.engine.new_cache(branches=branches, capacity=capacity, max_bytes=self.kv_limit_bytes)
 
     @overload
     def forward(self, *, cache: KVCache, tokens: list[list[int]], all_logits: bool = False,
@@ -131,7 +127,6 @@ class RoleModel:
         else:
             index = np.maximum(n_new - 1, 0)[:, None]  # [branches, 1]: only what the sampler needs
         if values:
-            assert isinstance(self.engine, OrtEngine)  # has_value_head said so
             logits, value = self.engine.step_with_values(cache=cache, input_ids=ids, n_new=n_new, logits_index=index)
             return (logits, value) if all_logits else (logits[:, 0], value[:, 0])
         logits = self.engine.step(cache=cache, input_ids=ids, n_new=n_new, logits_index=index)

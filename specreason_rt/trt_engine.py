@@ -8,18 +8,27 @@ or `cuda.cudart` on cuda-python 12 releases before it); no PyTorch. tensorrt and
 when an engine is opened, with one clear message when they are missing.
 
 One step:
-  1. host inputs (ids, positions, mask, logits_index; a few KB) are packed into one array: one copy to the device;
+  1. host inputs (ids, positions, mask, logits_index; a few KB) are packed into one pinned host array: one copy
+     to the device;
   2. the device KV cache's buffers are bound as past_key/past_value as they are ([branches, kv_heads, capacity,
      head_dim]; holes masked out): no cache copy;
   3. the graph writes the new tokens' keys/values into a staging buffer; one 3D device copy per growing branch
      appends them in place (trt_kv.DeviceKVCache.append_from);
-  4. only the logits rows asked for in logits_index are copied to the host.
+  4. only the logits rows asked for in logits_index are copied to the host (pinned), then out to the caller.
 The profile (decode / verify / prefill) is chosen per call from the shapes; switching costs one async call.
+Every bound address is 256-byte aligned (trt_plan.Layout) and every set_input_shape / set_tensor_address result
+is checked. Device memory comes from a BlockPool (no cudaMalloc / cudaFree, which synchronises the device, once
+a workload's shapes have been seen). The CUDA device is made current in every thread that touches it
+(DeviceGuard): the runtime API's current device is per thread, and pool or server workers are other threads.
+`close()` frees the stream and every buffer.
 """
 
 from __future__ import annotations
 
+import ctypes
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +37,9 @@ import numpy as np
 from .errors import BundleError, ConfigError, SpecReasonError
 from .kv_cache import KVCache
 from .manifest import EngineFacts, ModelEntry
-from .trt_kv import DeviceKVCache
+from .trt_kv import BlockPool, DeviceKVCache
 from .trt_plan import (
+    ALIGN,
     Copy3D,
     EngineLimits,
     Profile,
@@ -39,9 +49,8 @@ from .trt_plan import (
     step_mask_positions,
 )
 
-TRT_INSTALL_HINT = ("pip install 'specreason-rt[trt]' (TensorRT and cuda-python wheels; on Jetson, TensorRT comes "
-                    "with JetPack: see runtime/README.md)")
-ALIGN = 256  # bytes: CUDA allocations are 256-aligned; keep packed tensors so as well
+TRT_INSTALL_HINT = ("pip install 'specreason-rt[trt-cu12]' (TensorRT 10 and cuda-python 12 wheels; [trt-cu13] for "
+                    "CUDA 13 / TensorRT 11; on Jetson, TensorRT comes with JetPack: see runtime/README.md)")
 
 
 def import_tensorrt() -> Any:
@@ -64,12 +73,32 @@ def import_cudart() -> Any:
     return runtime
 
 
+_THREAD = threading.local()  # the CUDA runtime's current device is per host thread: remember what we set
+
+
+class DeviceGuard:
+    """Makes `device_id` the calling thread's current CUDA device before any CUDA call of an engine.
+
+    cudaSetDevice affects only the thread that calls it; a ReasonerPool or server worker thread that never
+    called it allocates on (and launches to) GPU 0. The guard calls `set_device` once per thread and again only
+    when another guard (another engine, another GPU) has switched that thread in between."""
+
+    def __init__(self, *, device_id: int, set_device: Callable[[int], None]) -> None:
+        self.device_id, self.set_device = device_id, set_device
+
+    def use(self) -> None:
+        if getattr(_THREAD, "device", None) != self.device_id:
+            self.set_device(self.device_id)
+            _THREAD.device = self.device_id
+
+
 class CudaMemory:
     """Device allocations and copies on one stream (the engine's), through cuda-python."""
 
-    def __init__(self, *, cudart: Any, stream: Any) -> None:
+    def __init__(self, *, cudart: Any, stream: Any, device_id: int = 0) -> None:
         self.cudart = cudart
         self.stream = stream
+        self.guard = DeviceGuard(device_id=device_id, set_device=lambda d: self.check(cudart.cudaSetDevice(d)))
 
     def check(self, result: tuple[Any, ...]) -> Any:
         err, *rest = result
@@ -80,16 +109,28 @@ class CudaMemory:
         return rest[0] if len(rest) == 1 else (tuple(rest) or None)
 
     def alloc(self, nbytes: int) -> int:
+        self.guard.use()
         return int(self.check(self.cudart.cudaMalloc(max(nbytes, 1))))
 
     def free(self, address: int) -> None:
+        self.guard.use()
         self.check(self.cudart.cudaFree(address))
 
+    def alloc_host(self, nbytes: int) -> int:
+        """Pinned (page-locked) host memory: async copies from pageable memory are staged and synchronous."""
+        self.guard.use()
+        return int(self.check(self.cudart.cudaMallocHost(max(nbytes, 1))))
+
+    def free_host(self, address: int) -> None:
+        self.check(self.cudart.cudaFreeHost(address))
+
     def zero(self, address: int, nbytes: int) -> None:
+        self.guard.use()
         self.check(self.cudart.cudaMemsetAsync(address, 0, nbytes, self.stream))
 
     def copy3d(self, *, src: int, dst: int, copy: Copy3D) -> None:
         rt = self.cudart
+        self.guard.use()
         p = rt.cudaMemcpy3DParms()
         p.srcPtr = rt.make_cudaPitchedPtr(src, copy.src_pitch, copy.src_pitch, copy.src_rows)
         p.srcPos = rt.make_cudaPos(*copy.src_pos)
@@ -100,30 +141,58 @@ class CudaMemory:
         self.check(rt.cudaMemcpy3DAsync(p, self.stream))
 
     def to_device(self, address: int, host: np.ndarray) -> None:
+        self.guard.use()
         self.check(self.cudart.cudaMemcpyAsync(address, host.ctypes.data, host.nbytes,
                                                self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
 
     def to_host(self, host: np.ndarray, address: int) -> None:
+        self.guard.use()
         self.check(self.cudart.cudaMemcpyAsync(host.ctypes.data, address, host.nbytes,
                                                self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
 
     def sync(self) -> None:
+        self.guard.use()
         self.check(self.cudart.cudaStreamSynchronize(self.stream))
 
 
 class _Scratch:
     """A device buffer that grows (doubling) and is reused across steps: no allocation in the hot loop."""
 
-    def __init__(self, memory: CudaMemory) -> None:
+    def __init__(self, memory: Any) -> None:  # DeviceMemory
         self.memory, self.address, self.nbytes = memory, 0, 0
 
     def ensure(self, nbytes: int) -> int:
         if nbytes > self.nbytes:
-            if self.address:
-                self.memory.free(self.address)
+            self.close()
             self.nbytes = max(nbytes, 2 * self.nbytes)
             self.address = self.memory.alloc(self.nbytes)
         return self.address
+
+    def close(self) -> None:
+        if self.address:
+            self.memory.free(self.address)
+            self.address = 0
+
+
+class _PinnedScratch:
+    """A pinned host buffer that grows (doubling); `array(shape, dtype)` is a numpy view of its start."""
+
+    def __init__(self, memory: CudaMemory) -> None:
+        self.memory, self.address, self.nbytes = memory, 0, 0
+
+    def array(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if nbytes > self.nbytes:
+            self.close()
+            self.nbytes = max(nbytes, 2 * self.nbytes, ALIGN)
+            self.address = self.memory.alloc_host(self.nbytes)
+        raw = (ctypes.c_uint8 * self.nbytes).from_address(self.address)
+        return np.frombuffer(memoryview(raw).cast("B"), np.uint8, count=nbytes).view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self.address:
+            self.memory.free_host(self.address)
+            self.address = 0
 
 
 def _aligned(nbytes: int) -> int:
@@ -152,9 +221,12 @@ class TrtEngine:
         check_engine_compatible(engine_file=facts.file, built_trt=facts.tensorrt_version,
                                 built_cc=facts.compute_capability, runtime_trt=trt.__version__,
                                 runtime_cc=capability)
+        self.device_id = device_id
         self.stream = probe.check(cudart.cudaStreamCreate())
         self.stream_handle = int(self.stream)
-        self.memory = CudaMemory(cudart=cudart, stream=self.stream)
+        self.cuda = CudaMemory(cudart=cudart, stream=self.stream, device_id=device_id)
+        self.cuda.guard.use()  # this thread: cudaSetDevice above ran outside the guard
+        self.memory = BlockPool(self.cuda)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine((Path(bundle_dir) / facts.file).read_bytes())
@@ -172,8 +244,9 @@ class TrtEngine:
         self.new_key_names = [names["new_key"].format(i) for i in range(self.layers)]
         self.new_value_names = [names["new_value"].format(i) for i in range(self.layers)]
         self._check_io()
-        # Outputs the runtime does not read yet (a value head's `value`) still need an address: scratch buffers.
+        # Outputs other than logits and the new keys/values (a value head's `value`) get scratch buffers.
         known = {"logits", *self.new_key_names, *self.new_value_names}
+        self.has_value = "value" in {t["name"] for t in entry.io["outputs"]}
         self._extra = {t["name"]: _Scratch(self.memory) for t in entry.io["outputs"] if t["name"] not in known}
         self.profiles = [Profile.from_json(p) for p in facts.profiles]
         if len(self.profiles) != self.engine.num_optimization_profiles:
@@ -185,6 +258,9 @@ class TrtEngine:
         self._inputs = _Scratch(self.memory)
         self._new_kv = _Scratch(self.memory)
         self._logits = _Scratch(self.memory)
+        self._host_inputs = _PinnedScratch(self.cuda)
+        self._host_logits = _PinnedScratch(self.cuda)
+        self._host_value = _PinnedScratch(self.cuda)
         self._profile = -1
         self.ort_seconds = 0.0  # wall time inside TensorRT execution and the logits copy (same name as OrtEngine)
 
@@ -223,6 +299,17 @@ class TrtEngine:
                              branches=branches, max_context=self.limits.max_context, capacity=capacity,
                              itemsize=self.kv_itemsize, max_bytes=max_bytes)
 
+    def _bind(self, name: str, address: int, shape: tuple[int, ...] | None = None) -> None:
+        """Set one tensor's shape (inputs) and address, refusing what TensorRT refuses (it returns False and logs)."""
+        ctx = self.context
+        if shape is not None and not ctx.set_input_shape(name, shape):
+            raise SpecReasonError(f"TensorRT refused shape {shape} for {name} of {self.facts.file} (outside the "
+                                  "optimization profile? see its log above)")
+        if address % ALIGN:
+            raise SpecReasonError(f"{name}: address {address:#x} is not {ALIGN}-byte aligned (a bug in the layout)")
+        if not ctx.set_tensor_address(name, address):
+            raise SpecReasonError(f"TensorRT refused the address of {name} of {self.facts.file}")
+
     def step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
              ) -> np.ndarray:
         """Append the first n_new[b] tokens of input_ids[b] to branch b; return logits [branches, k, vocab].
@@ -230,9 +317,28 @@ class TrtEngine:
         input_ids: [branches, new] right-padded; n_new: [branches] (0 leaves a branch unchanged);
         logits_index: [branches, k] positions (< new) whose logits are wanted.
         """
+        return self._step(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
+                          want_value=False)[0]
+
+    def step_with_values(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray,
+                         logits_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`step`, also returning the value head's output [branches, k] at the same positions."""
+        if not self.has_value:
+            raise ConfigError("this model's engine has no value head output (`value`); export the verifier with a "
+                              "value head (specreason-export --value-head FILE) and rebuild the engines")
+        logits, value = self._step(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
+                                   want_value=True)
+        assert value is not None
+        return logits, value
+
+    def _step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray,
+              want_value: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if not isinstance(cache, DeviceKVCache):
             raise ConfigError("the trt backend runs on its device KV cache: create caches with RoleModel.new_cache "
                               "(or TrtEngine.new_cache), not KVCache")
+        if not self.stream:
+            raise ConfigError(f"the TensorRT engine {self.facts.file} was closed")
+        self.cuda.guard.use()
         branches, new = input_ids.shape
         k = logits_index.shape[1]
         cache.reserve(int((cache.lengths + n_new).max()))  # the capacity is the past the graph sees: fix it first
@@ -246,7 +352,7 @@ class TrtEngine:
                 raise SpecReasonError(f"TensorRT refused optimization profile {profile} ({name})")
             self._profile = profile
 
-        # 1. Host inputs, packed back to back (256-byte aligned): one copy to the device.
+        # 1. Host inputs, packed back to back (256-byte aligned) in pinned memory: one copy to the device.
         mask, positions = step_mask_positions(lengths=cache.lengths, n_new=n_new, past=past, new_tokens=new)
         host = {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask,
                 "logits_index": logits_index}
@@ -254,42 +360,63 @@ class TrtEngine:
         for name, array in host.items():
             offsets[name] = total
             total += _aligned(array.size * 8)
-        packed = np.zeros(total // 8, np.int64)
+        packed = self._host_inputs.array((total // 8,), np.int64)
         for name, array in host.items():
             packed[offsets[name] // 8: offsets[name] // 8 + array.size] = np.asarray(array, np.int64).ravel()
         base = self._inputs.ensure(total)
-        self.memory.to_device(base, packed)
+        self.cuda.to_device(base, packed)
         for name, array in host.items():
-            ctx.set_input_shape(name, tuple(array.shape))
-            ctx.set_tensor_address(name, base + offsets[name])
+            self._bind(name, base + offsets[name], tuple(array.shape))
 
         # 2. The cache buffers are the past, as they are.
         past_shape = (branches, self.kv_heads, past, self.head_dim)
         for i in range(self.layers):
-            ctx.set_input_shape(self.past_key_names[i], past_shape)
-            ctx.set_tensor_address(self.past_key_names[i], cache.key_address(i))
-            ctx.set_input_shape(self.past_value_names[i], past_shape)
-            ctx.set_tensor_address(self.past_value_names[i], cache.value_address(i))
+            self._bind(self.past_key_names[i], cache.key_address(i), past_shape)
+            self._bind(self.past_value_names[i], cache.value_address(i), past_shape)
 
-        # 3. Outputs: new keys/values back to back in (layer, keys|values) order, as append_copies expects.
-        slice_bytes = branches * self.kv_heads * new * self.head_dim * self.kv_itemsize
-        staging = self._new_kv.ensure(2 * self.layers * slice_bytes)
+        # 3. Outputs: new keys/values in the staging layout append_from expects (aligned slices).
+        staging_layout = cache.staging_layout(new)
+        staging = self._new_kv.ensure(staging_layout.nbytes)
         for i in range(self.layers):
-            ctx.set_tensor_address(self.new_key_names[i], staging + 2 * i * slice_bytes)
-            ctx.set_tensor_address(self.new_value_names[i], staging + (2 * i + 1) * slice_bytes)
-        logits = np.empty((branches, k, self.vocab), np.float32)
-        ctx.set_tensor_address("logits", self._logits.ensure(logits.nbytes))
+            self._bind(self.new_key_names[i], staging + staging_layout.slice_offset(layer=i, values=False))
+            self._bind(self.new_value_names[i], staging + staging_layout.slice_offset(layer=i, values=True))
+        logits = self._host_logits.array((branches, k, self.vocab), np.float32)
+        self._bind("logits", self._logits.ensure(logits.nbytes))
+        missing = ctx.infer_shapes()  # names of inputs whose shapes are still unknown: none, or a bug above
+        if missing:
+            raise SpecReasonError(f"TensorRT still needs the shapes of {sorted(missing)} of {self.facts.file}")
         for name, scratch in self._extra.items():
             shape = tuple(ctx.get_tensor_shape(name))
             itemsize = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))).itemsize
-            ctx.set_tensor_address(name, scratch.ensure(int(np.prod(shape)) * itemsize))
+            self._bind(name, scratch.ensure(int(np.prod(shape)) * itemsize))
 
         start = time.perf_counter()
         if not ctx.execute_async_v3(self.stream_handle):
             raise SpecReasonError(f"TensorRT execution of {self.facts.file} failed (see its log above)")
         # 4. Append in place on the device; only the requested logits rows cross to the host.
         cache.append_from(staging=staging, new_tokens=new, n_new=n_new)
-        self.memory.to_host(logits, self._logits.address)
-        self.memory.sync()
+        self.cuda.to_host(logits, self._logits.address)
+        value = None
+        if want_value:
+            value = self._host_value.array((branches, k), np.float32)  # [branches, k]
+            self.cuda.to_host(value, self._extra["value"].address)
+        self.cuda.sync()
         self.ort_seconds += time.perf_counter() - start
-        return logits
+        # The pinned buffers are rewritten by the next step: hand out copies.
+        return logits.copy(), (value.copy() if value is not None else None)
+
+    def close(self) -> None:
+        """Free the stream, the scratch and pinned buffers and the pool; drop the TensorRT objects. Caches made
+        by this engine must not be used afterwards. Idempotent."""
+        if not getattr(self, "stream", None):
+            return
+        self.cuda.guard.use()
+        self.cuda.sync()
+        for scratch in (self._inputs, self._new_kv, self._logits, *self._extra.values()):
+            scratch.close()
+        for pinned in (self._host_inputs, self._host_logits, self._host_value):
+            pinned.close()
+        self.memory.close()
+        self.context = self.engine = self.runtime = None
+        self.cuda.check(self.cudart.cudaStreamDestroy(self.stream))
+        self.stream, self.stream_handle = None, 0

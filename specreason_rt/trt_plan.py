@@ -21,6 +21,7 @@ Terms (used by export/trt.py, trt_engine.py, providers.py and the manifest's `en
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,22 @@ def plan_profiles(*, limits: EngineLimits, inputs: list[dict[str, Any]], min_pas
     return profiles
 
 
+def spanning_profile(profiles: list[Profile], *, name: str = "all") -> Profile:
+    """One profile whose ranges hold every shape any of `profiles` holds: axis by axis, min of the mins and max of
+    the maxes; opt from the first profile (decode: the regime that runs most often), clamped into the range.
+
+    For ONNX Runtime's TensorRT EP, whose execution context stays on optimization profile 0 (the EP parses and
+    builds several, but does not switch: microsoft/onnxruntime PR #31624, open): a ragged prefill outside the
+    decode profile would fail. The native backend keeps one profile per regime and switches itself.
+    """
+    shapes = {}
+    for tensor, (_, opt, _) in profiles[0].shapes.items():
+        lo = tuple(min(dims) for dims in zip(*(p.shapes[tensor][0] for p in profiles), strict=True))
+        hi = tuple(max(dims) for dims in zip(*(p.shapes[tensor][2] for p in profiles), strict=True))
+        shapes[tensor] = (lo, tuple(min(max(o, a), b) for o, a, b in zip(opt, lo, hi, strict=True)), hi)
+    return Profile(name=name, shapes=shapes)
+
+
 def step_dims(*, inputs: list[dict[str, Any]], branches: int, new_tokens: int, past_tokens: int,
               logit_positions: int) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every graph input for one call."""
@@ -180,12 +197,54 @@ def step_mask_positions(*, lengths: np.ndarray, n_new: np.ndarray, past: int, ne
 
 # ---- device KV cache copy plans -------------------------------------------------------------------------------
 #
-# The device cache is one allocation laid out [layers * 2, branches * kv_heads, capacity * head_dim * itemsize]
-# = (z, y, x bytes): z = 2 * layer + (0 keys | 1 values), y = branch * kv_heads + head, x = slot * row_bytes.
-# The graph's new_key.{i} / new_value.{i} outputs [branches, kv_heads, new_tokens, head_dim] are bound back to
-# back in a staging buffer in the same (z, y, x) order with new_tokens in place of capacity. Every cache
-# operation is then a few 3D copies (cudaMemcpy3DAsync on pitched linear memory):
+# The device cache is one allocation of 2 * layers slices, z = 2 * layer + (0 keys | 1 values); a slice is
+# `rows` rows of `pitch` bytes, row y = branch * kv_heads + head holding that head's slots (x = slot * row_bytes).
+# The first branches * kv_heads rows are [branches, kv_heads, slots, head_dim]: what the engine binds as
+# past_key.{i} / past_value.{i}. `rows` is padded past branches * kv_heads so that every slice starts on a
+# 256-byte boundary (setTensorAddress needs 256-byte aligned addresses; a slot is 96 bytes in the built-in
+# verifier, so unpadded slices would start anywhere). The graph's new_key.{i} / new_value.{i} outputs are bound
+# in a staging buffer with the same layout, new_tokens in place of the capacity. Every cache operation is then a
+# few 3D copies (cudaMemcpy3DAsync on pitched linear memory, whose slice stride is pitch * ysize = pitch * rows):
 #   byte (x, y, z) of a region = base + ((pos.z + z) * rows + pos.y + y) * pitch + pos.x + x
+
+ALIGN = 256  # bytes: what setTensorAddress requires of every bound address, and what cudaMalloc returns
+
+
+def padded_rows(rows: int, pitch: int) -> int:
+    """The fewest rows >= `rows` whose total size (rows * pitch) is a multiple of ALIGN."""
+    step = ALIGN // math.gcd(pitch, ALIGN)
+    return -(-rows // step) * step
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The device layout of a KV cache (slots = capacity) or of the staging buffer (slots = new tokens)."""
+
+    layers: int
+    branches: int
+    kv_heads: int
+    slots: int
+    row_bytes: int  # one slot of one head: head_dim * itemsize
+
+    @property
+    def pitch(self) -> int:
+        return self.slots * self.row_bytes
+
+    @property
+    def rows(self) -> int:
+        return padded_rows(self.branches * self.kv_heads, self.pitch)
+
+    @property
+    def slice_bytes(self) -> int:
+        """Bytes from one (layer, keys|values) slice to the next: a multiple of ALIGN."""
+        return self.rows * self.pitch
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.layers * self.slice_bytes
+
+    def slice_offset(self, *, layer: int, values: bool) -> int:
+        return (2 * layer + int(values)) * self.slice_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,36 +260,45 @@ class Copy3D:
     extent: tuple[int, int, int]  # (width bytes, height rows, depth slices)
 
 
-def append_copies(*, lengths: np.ndarray, n_new: np.ndarray, new_tokens: int, capacity: int, kv_heads: int,
-                  row_bytes: int, layers: int) -> list[Copy3D]:
+def _copy(*, src: Layout, dst: Layout, src_row: int, dst_row: int, dst_x: int, width: int, height: int) -> Copy3D:
+    return Copy3D(src_pitch=src.pitch, src_rows=src.rows, src_pos=(0, src_row, 0), dst_pitch=dst.pitch,
+                  dst_rows=dst.rows, dst_pos=(dst_x, dst_row, 0), extent=(width, height, 2 * src.layers))
+
+
+def append_copies(*, lengths: np.ndarray, n_new: np.ndarray, staging: Layout, cache: Layout) -> list[Copy3D]:
     """Staging -> cache: the first n_new[b] new entries of branch b go to its slots lengths[b]..; one copy per
     branch that grows (all layers, keys and values, all heads at once)."""
-    rows = len(lengths) * kv_heads
-    return [Copy3D(src_pitch=new_tokens * row_bytes, src_rows=rows, src_pos=(0, b * kv_heads, 0),
-                   dst_pitch=capacity * row_bytes, dst_rows=rows,
-                   dst_pos=(int(lengths[b]) * row_bytes, b * kv_heads, 0),
-                   extent=(int(n_new[b]) * row_bytes, kv_heads, 2 * layers))
+    h, rb = cache.kv_heads, cache.row_bytes
+    return [_copy(src=staging, dst=cache, src_row=b * h, dst_row=b * h, dst_x=int(lengths[b]) * rb,
+                  width=int(n_new[b]) * rb, height=h)
             for b in range(len(lengths)) if n_new[b] > 0]
 
 
-def grow_copies(*, lengths: np.ndarray, old_capacity: int, new_capacity: int, kv_heads: int, row_bytes: int,
-                layers: int) -> list[Copy3D]:
+def grow_copies(*, lengths: np.ndarray, old: Layout, new: Layout) -> list[Copy3D]:
     """Old cache -> a larger one: every branch's filled slots, in one copy."""
     longest = int(lengths.max()) if len(lengths) else 0
     if longest == 0:
         return []
-    rows = len(lengths) * kv_heads
-    return [Copy3D(src_pitch=old_capacity * row_bytes, src_rows=rows, src_pos=(0, 0, 0),
-                   dst_pitch=new_capacity * row_bytes, dst_rows=rows, dst_pos=(0, 0, 0),
-                   extent=(longest * row_bytes, rows, 2 * layers))]
+    return [_copy(src=old, dst=new, src_row=0, dst_row=0, dst_x=0, width=longest * old.row_bytes,
+                  height=old.branches * old.kv_heads)]
 
 
-def gather_copies(*, lengths: np.ndarray, rows: np.ndarray, capacity: int, kv_heads: int, row_bytes: int,
-                  layers: int) -> list[Copy3D]:
+def gather_copies(*, lengths: np.ndarray, rows: np.ndarray, old: Layout, new: Layout) -> list[Copy3D]:
     """Old cache -> a new one of len(rows) branches where new branch j is old branch rows[j]."""
-    src_rows, dst_rows = len(lengths) * kv_heads, len(rows) * kv_heads
-    pitch = capacity * row_bytes
-    return [Copy3D(src_pitch=pitch, src_rows=src_rows, src_pos=(0, int(r) * kv_heads, 0),
-                   dst_pitch=pitch, dst_rows=dst_rows, dst_pos=(0, j * kv_heads, 0),
-                   extent=(int(lengths[r]) * row_bytes, kv_heads, 2 * layers))
+    h = old.kv_heads
+    return [_copy(src=old, dst=new, src_row=int(r) * h, dst_row=j * h, dst_x=0,
+                  width=int(lengths[r]) * old.row_bytes, height=h)
             for j, r in enumerate(rows) if lengths[r] > 0]
+
+
+def concat_copies(*, lengths: np.ndarray, other_lengths: np.ndarray, ours: Layout, theirs: Layout,
+                  joined: Layout) -> tuple[list[Copy3D], list[Copy3D]]:
+    """Two caches -> one of ours.branches + theirs.branches branches (ours first), each branch's filled slots:
+    (copies from ours, copies from theirs), one copy per source at most."""
+    h, rb = joined.kv_heads, joined.row_bytes
+    first = [_copy(src=ours, dst=joined, src_row=0, dst_row=0, dst_x=0, width=int(lengths.max()) * rb,
+                   height=ours.branches * h)] if len(lengths) and lengths.max() > 0 else []
+    second = [_copy(src=theirs, dst=joined, src_row=0, dst_row=ours.branches * h, dst_x=0,
+                    width=int(other_lengths.max()) * rb, height=theirs.branches * h)
+              ] if len(other_lengths) and other_lengths.max() > 0 else []
+    return first, second

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.gpu
 
 def _gpu_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (pip install 'specreason-rt[trt]')"
+        return "tensorrt is not installed (pip install 'specreason-rt[trt-cu12]')"
     if importlib.util.find_spec("cuda") is None:
-        return "cuda-python is not installed (pip install 'specreason-rt[trt]')"
+        return "cuda-python is not installed (pip install 'specreason-rt[trt-cu12]')"
     from specreason_rt.trt_engine import import_cudart
 
     cudart = import_cudart()
@@ -73,3 +73,28 @@ def test_native_trt_matches_ort_cpu_on_a_ragged_batch(trt_bundle: Path) -> None:
     verify = [m.forward(cache=c, tokens=step, all_logits=True) for m, c in zip((cpu, gpu), caches, strict=True)]
     for b, t in enumerate(step):
         assert np.abs(verify[0][b, :len(t)] - verify[1][b, :len(t)]).max() < 1e-3
+
+
+@skip_without_gpu
+def test_concat_and_close_on_the_device(trt_bundle: Path) -> None:
+    """A request joining a running batch (concat) gives the same logits as on CPU; close() frees the engine and
+    a later step is refused."""
+    from specreason_rt.bundle import Bundle
+    from specreason_rt.errors import ConfigError
+    from specreason_rt.providers import ProviderConfig
+
+    cpu = Bundle(trt_bundle, roles=["verifier"]).models["verifier"]
+    gpu = Bundle(trt_bundle, roles=["verifier"], providers=ProviderConfig(name="trt")).models["verifier"]
+    caches, joiners = [m.new_cache(branches=2, capacity=8) for m in (cpu, gpu)], []
+    for m, c in zip((cpu, gpu), caches, strict=True):
+        m.forward(cache=c, tokens=[[5, 6, 7], [8]])
+        joiner = m.new_cache(branches=1, capacity=32)
+        m.forward(cache=joiner, tokens=[[9, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
+        c.concat(joiner)
+        joiners.append(joiner)
+    logits = [m.forward(cache=c, tokens=[[20], [21], [22]]) for m, c in zip((cpu, gpu), caches, strict=True)]
+    assert np.abs(logits[0] - logits[1]).max() < 1e-3
+    gpu.engine.close()
+    gpu.engine.close()  # idempotent
+    with pytest.raises(ConfigError, match="closed"):
+        gpu.forward(cache=caches[1], tokens=[[1], [1], [1]])

@@ -56,3 +56,19 @@ def test_latency_test_without_tensorrt_is_one_line(tiny_plain_bundle: Path) -> N
     result = run("latency_test", str(tiny_plain_bundle), "--provider", "trt")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "pip install 'specreason-rt[trt" in result.stderr
+
+
+def test_device_smoke_runs_here_with_every_gpu_row_skipped_and_a_reason() -> None:
+    result = run("device_smoke")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    rows = [line.split(None, 2) for line in result.stdout.splitlines()[2:]]
+    names = [r[0] for r in rows]
+    for expected in ("cuda", "kv:prefill", "kv:fork", "kv:append", "kv:grow", "kv:rewind", "kv:gather", "kv:concat",
+                     "align", "pinned", "thread", "pool/close", "memcheck", "tensorrt", "ort-cuda", "ort-tensorrt"):
+        assert expected in names, expected
+    cuda_present = importlib.util.find_spec("cuda") is not None
+    for name, result_, *detail in rows:
+        if name == "tensorrt" and HAS_TENSORRT or cuda_present and name != "tensorrt" and not name.startswith("ort"):
+            continue  # this machine can run that row: its result is not a skip
+        assert result_ == "skip" and detail and detail[0].strip(), f"{name}: {result_} {detail}"
