@@ -221,3 +221,39 @@ def test_int4_export_validates_by_agreement(family: str, tmp_path: Path) -> None
     assert report["passed"], report
     assert report["greedy_agreement"] >= DEFAULT_TOLERANCES["int4"].min_greedy_agreement
     assert report["longest_context"] > report["smallest_window"]
+
+
+@pytest.mark.parametrize("attention", ["plain", "gqa"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_multi_token_extend_past_the_window(family: str, attention: str, tmp_path: Path) -> None:
+    """The runtime's other call shape (verifying a drafted step): many new tokens on top of a cache, two branches
+    of different lengths, contexts past the window: logits equal transformers' on each branch alone."""
+    import numpy as np
+
+    from specreason_export.onnx_export import KV_NAMES
+    from specreason_rt.engine import OrtEngine
+    from specreason_rt.kv_cache import KVCache
+
+    model = tiny_model(family)
+    path = tmp_path / "m.onnx"
+    export_onnx(model=model, out_path=path, attention=attention)
+    cfg = model.config
+    engine = OrtEngine(model_path=path, layers=cfg.num_hidden_layers, kv_names=KV_NAMES[attention], attention=attention)
+    cache = KVCache(layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                    branches=2, max_context=cfg.max_position_embeddings)
+    seqs = prompts()[:2]  # 41 and 30 tokens
+    first = np.array([12, 7])
+    ids = np.zeros((2, int(first.max())), np.int64)  # [branches, new], right-padded
+    for b, n in enumerate(first):
+        ids[b, :n] = seqs[b][:n]
+    engine.step(cache=cache, input_ids=ids, n_new=first, logits_index=np.zeros((2, 1), np.int64))
+    rest = np.array([len(s) for s in seqs]) - first  # 29 and 23 new tokens in one call
+    ids = np.zeros((2, int(rest.max())), np.int64)
+    for b in range(2):
+        ids[b, :rest[b]] = seqs[b][first[b]:]
+    index = np.tile(np.arange(int(rest.max())), (2, 1))  # [branches, new]
+    logits = engine.step(cache=cache, input_ids=ids, n_new=rest, logits_index=index)  # [branches, new, vocab]
+    for b, seq in enumerate(seqs):
+        with torch.no_grad():
+            ref = model(torch.tensor([seq])).logits[0, first[b]:].numpy()  # [rest, vocab]
+        assert np.abs(logits[b, :rest[b]] - ref).max() < 1e-4
