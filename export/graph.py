@@ -156,10 +156,11 @@ class BranchDecoder(nn.Module):
             self.tables.append(_rope_table(getattr(base, family.local_rope)))
         self.layer_rope: list[int | None] = []
         no_rope = getattr(cfg, family.no_rope_field, None) if family.no_rope_field else None
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers)
         for i in range(len(self.layers)):
             if no_rope is not None and not no_rope[i]:
                 self.layer_rope.append(None)
-            elif family.local_rope and self.windows[i] is not None:
+            elif family.local_rope and types[i] == "sliding_attention":  # as gemma3's attn.is_sliding
                 self.layer_rope.append(1)
             else:
                 self.layer_rope.append(0)

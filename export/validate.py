@@ -169,6 +169,7 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
         "greedy_positions_checked": total,
         "longest_context": max(len(p) for p in prompts) + decode_steps,
         "smallest_window": smallest_window,
+        "features": family.features(cfg) if (family := family_of(cfg.model_type)) else [],
         "not_exercised": not_exercised,
         "tolerance": dataclasses.asdict(tol),
     }
