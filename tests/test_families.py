@@ -257,3 +257,17 @@ def test_multi_token_extend_past_the_window(family: str, attention: str, tmp_pat
         with torch.no_grad():
             ref = model(torch.tensor([seq])).logits[0, first[b]:].numpy()  # [rest, vocab]
         assert np.abs(logits[b, :rest[b]] - ref).max() < 1e-4
+
+
+def test_gguf_architecture_names_map_to_families() -> None:
+    """GGUF calls Gemma 3 'gemma3'; transformers loads it as gemma3_text: the source check must accept it."""
+    from specreason_export.families import architecture_facts, family_of
+    from specreason_export.sources import _check_family
+
+    assert family_of("gemma3") is not None and family_of("gemma3").name == "gemma3_text"  # type: ignore[union-attr]
+    _check_family("gemma3", None, "model.gguf")
+    with pytest.raises(ExportError, match="unsupported architecture 'mamba'"):
+        _check_family("mamba", None, "model.gguf")
+    facts = architecture_facts(tiny_model("gemma3_text").config)
+    assert facts["attention_windows"] == [WINDOW, None]
+    assert {"sliding_window", "qk_norm", "local_rope", "sandwich_norm"} <= set(facts["features"])
