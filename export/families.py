@@ -116,7 +116,7 @@ class Family:
             out.append("parallel")
         elif self.block != "pre":
             out.append(f"{self.block}_norm")
-        if any(w is not None for w in layer_windows(self, config)):
+        if any(w is not None for w in layer_windows(family=self, config=config)):
             out.append("sliding_window")
         if getattr(config, "attn_logit_softcapping", None):
             out.append("attn_softcap")
@@ -196,7 +196,7 @@ def _rope_type(config: Any) -> str:
     return str(scaling.get("rope_type", scaling.get("type", "default")))
 
 
-def layer_windows(family: Family, config: Any) -> list[int | None]:
+def layer_windows(*, family: Family, config: Any) -> list[int | None]:
     """Per layer: the sliding window (a query at position i sees keys at positions i - window + 1 .. i, as in
     transformers' masks) or None for full attention."""
     layers = config.num_hidden_layers
@@ -219,7 +219,7 @@ def family_of(model_type: str | None) -> Family | None:
     return FAMILIES.get(GGUF_ARCHITECTURES.get(model_type or "", model_type or ""))
 
 
-def check_config(config: Any, where: str) -> Family:
+def check_config(*, config: Any, where: str) -> Family:
     """The family of `config`, or ExportError naming the first field (or value) the decoder does not implement."""
     family = family_of(getattr(config, "model_type", None))
     if family is None:
@@ -253,4 +253,4 @@ def architecture_facts(config: Any) -> dict[str, Any]:
     family = family_of(getattr(config, "model_type", None))
     if family is None:
         return {}
-    return {"attention_windows": layer_windows(family, config), "features": family.features(config)}
+    return {"attention_windows": layer_windows(family=family, config=config), "features": family.features(config)}

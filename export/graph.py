@@ -146,7 +146,9 @@ class BranchDecoder(nn.Module):
         self.qk_norm = None if off.qk_norm else family.qk_norm_in(cfg)
         self.attn_softcap = None if off.attn_softcap else getattr(cfg, "attn_logit_softcapping", None)
         self.final_softcap = None if off.final_softcap else getattr(cfg, "final_logit_softcapping", None)
-        self.windows: list[int | None] = [None] * len(self.layers) if off.windows else layer_windows(family, cfg)
+        self.windows: list[int | None] = layer_windows(family=family, config=cfg)
+        if off.windows:
+            self.windows = [None] * len(self.layers)
 
         # Rope tables and which one each layer uses (None: the layer has no rope).
         # The rope module lives on the decoder body; stablelm keeps one per attention module (all equal).

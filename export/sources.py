@@ -41,7 +41,7 @@ def _check_family(model_type: str | None, architectures: Any, where: str, config
         raise ExportError(f"{where}: unsupported architecture {model_type!r} ({arch}); "
                           f"specreason-export supports {', '.join(SUPPORTED_FAMILIES)}")
     if config is not None:
-        check_config(config, where)
+        check_config(config=config, where=where)
 
 
 def _quiet_transformers() -> None:

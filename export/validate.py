@@ -183,7 +183,7 @@ def _reach(*, config: Any, prompts: list[list[int]], decode_steps: int
     """Prompts whose longest context passes the smallest sliding window (the longest prompt extended with its own
     tokens when needed); the features no context reaches; the smallest window (None without windows)."""
     family = family_of(config.model_type)
-    windows = [w for w in layer_windows(family, config) if w is not None] if family else []
+    windows = [w for w in layer_windows(family=family, config=config) if w is not None] if family else []
     smallest = min(windows) if windows else None
     prompts = [list(p) for p in prompts]
     if smallest is not None:

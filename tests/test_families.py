@@ -117,7 +117,7 @@ def export_and_validate(model: Any, tmp: Path, attention: str, *, disabled: Disa
 @pytest.mark.parametrize("family", list(CASES))
 def test_family_exports_and_validates(family: str, tmp_path: Path) -> None:
     model = tiny_model(family)
-    check_config(model.config, family)
+    check_config(config=model.config, where=family)
     for attention in ("plain", "gqa"):
         if attention == "gqa" and family in GQA_OVERRIDES:
             model = tiny_model(family, **GQA_OVERRIDES[family])
@@ -171,7 +171,7 @@ def test_unimplemented_value_is_refused(field: str, value: Any, needle: str) -> 
     model = tiny_model("qwen3")
     setattr(model.config, field, value)
     with pytest.raises(ExportError, match=needle):
-        check_config(model.config, "src")
+        check_config(config=model.config, where="src")
 
 
 def test_unknown_math_field_is_refused() -> None:
@@ -185,9 +185,9 @@ def test_unknown_math_field_is_refused() -> None:
             super().__init__(**kwargs)
 
     with pytest.raises(ExportError, match="config field 'attn_temperature'") as e:
-        check_config(NewerQwen3Config(**TINY), "src")
+        check_config(config=NewerQwen3Config(**TINY), where="src")
     assert "\n" not in str(e.value)
-    check_config(transformers.LlamaConfig(**TINY, sliding_window=8), "src")  # llama's code never reads it
+    check_config(config=transformers.LlamaConfig(**TINY, sliding_window=8), where="src")  # llama's code never reads it
 
 
 def test_cli_refuses_unimplemented_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
