@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 from specreason_rt.manifest import sha256_file
 
 from .errors import ExportError
+from .families import SUPPORTED_FAMILIES, check_config, family_of
 from .progress import Progress
 
 
@@ -62,13 +63,15 @@ class SourceRef:
     gguf_file: str | None = None  # the .gguf file name inside local_dir
 
 
-def _check_family(model_type: str | None, architectures: Any, where: str) -> None:
-    from .graph import SUPPORTED_FAMILIES  # imports torch: not needed by the checks that run before it
-
-    if model_type not in SUPPORTED_FAMILIES:
+def _check_family(model_type: str | None, architectures: Any, where: str, config: Any = None) -> None:
+    """Refuse an unsupported family, and with `config` any field or value its decoder does not implement
+    (export/families.py, torch-free), in one line naming it."""
+    if family_of(model_type) is None:
         arch = ", ".join(architectures or []) or "unknown class"
         raise ExportError(f"{where}: unsupported architecture {model_type!r} ({arch}); "
                           f"specreason-export supports {', '.join(SUPPORTED_FAMILIES)}")
+    if config is not None:
+        check_config(config=config, where=where)
 
 
 def _quiet_transformers() -> None:
@@ -214,7 +217,7 @@ def _load_hf(ref: SourceRef, hub: HubOptions) -> Source:
         config = AutoConfig.from_pretrained(ref.location, **kwargs)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ExportError(f"{ref.ident}: not a readable model ({_first_line(e)})") from e
-    _check_family(getattr(config, "model_type", None), getattr(config, "architectures", None), ref.ident)
+    _check_family(getattr(config, "model_type", None), getattr(config, "architectures", None), ref.ident, config)
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.location, torch_dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(ref.location, **kwargs)
@@ -243,6 +246,7 @@ def _load_gguf(ref: SourceRef) -> Source:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - the GGUF loader raises many types for unsupported files
         raise ExportError(f"{path}: transformers cannot load this GGUF file ({_first_line(e)})") from e
+    _check_family(getattr(model.config, "model_type", None), None, str(path), model.config)
     return Source(kind="gguf", ident=str(path), model=model.eval(), tokenizer=tokenizer,
                   file_hashes={path.name: sha256_file(path)})
 
