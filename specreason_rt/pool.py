@@ -223,9 +223,7 @@ class ReasonerPool:
         with self._lock:
             self._running.add(job)
         tok = reasoner.bundle.tokenizers["verifier"]
-        job.prompt_tokens = len(tok.encode_chat([{"role": "user", "content": job.problem}])
-                                if reasoner.bundle.models["verifier"].generation.chat_template is not None
-                                else tok.encode(job.problem))
+        job.prompt_tokens = len(tok.encode_prompt(job.problem))
         return True
 
     def _finish(self, job: Job, outcome: RunResult | BaseException) -> None:

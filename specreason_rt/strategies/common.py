@@ -64,10 +64,7 @@ class Run:
         self.budget = min(config.limits.max_tokens, fits)
 
     def _prompt(self, role: str, problem: str) -> list[int]:
-        tok, model = self.bundle.tokenizers[role], self.bundle.models[role]
-        if model.generation.chat_template is not None:
-            return tok.encode_chat([{"role": "user", "content": problem}])
-        return tok.encode(problem)
+        return self.bundle.tokenizers[role].encode_prompt(problem)
 
     def _extra_room(self, role: str) -> int:
         uses_verifier_scores = self.config.strategy in ("stepwise", "best_of_n", "tree")
