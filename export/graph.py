@@ -1,4 +1,5 @@
-"""The exported forward: a Llama-family decoder with a branch dimension and a runtime-owned KV cache.
+"""The exported forward: one decoder, every family (export/families.py), a branch dimension and a runtime-owned
+KV cache.
 
 We trace our own forward over the Hugging Face model's weights instead of exporting transformers'
 forward (or optimum's graph) because the bundle contract needs three things those graphs lack:
@@ -11,9 +12,18 @@ forward (or optimum's graph) because the bundle contract needs three things thos
 Two attention variants share everything else:
   * "plain" — standard ONNX ops only, for TensorRT and any execution provider; the graph returns the new
     tokens' keys/values and the runtime writes them into its cache.
-  * "gqa"   — ONNX Runtime's GroupQueryAttention contrib op (rotary inside, per-branch lengths via
-    `seqlens_k`), whose past and present caches are the *same* runtime-owned buffer bound with IO binding:
-    a decode step copies no cache at all. Fastest on ONNX Runtime CPU/CUDA; needs head_dim % 16 == 0.
+  * "gqa"   — ONNX Runtime's GroupQueryAttention contrib op (per-branch lengths via `seqlens_k`), whose past and
+    present caches are the *same* runtime-owned buffer bound with IO binding: a decode step copies no cache at
+    all. Fastest on ONNX Runtime CPU/CUDA; needs head_dim % 16 == 0. Rotary runs inside the op when every rope
+    table is full-width and static (llama: the fast path); partial rotary and longrope are applied in the graph
+    and the op is called with do_rotary=0.
+What a family changes (norm placement, qk-norm, windows, soft-caps, rope tables per layer, multipliers, fused
+projections, the MLP module) is data in export/families.py; this file has no per-family branches.
+
+Sliding windows are masked by the graph itself, from positions, so the runtime needs nothing: plain attention
+compares query positions (position_ids) with key positions (cumsum(attention_mask) - 1: the cache has holes);
+GroupQueryAttention gets local_window_size = window (measured: the same keys as transformers' mask; window - 1
+fails validation).
 An optional value head (specreason_models.value_head: an MLP ending in a sigmoid) adds the output `value`
 [branches, logit_positions]: the head applied to the same final-norm hidden states the logits come from.
 The semantics of every input and output are documented in specreason_rt/manifest.py.
@@ -21,11 +31,30 @@ The semantics of every input and output are documented in specreason_rt/manifest
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+from .families import SUPPORTED_FAMILIES, Family, family_of, layer_windows
+
+__all__ = ["ATTENTION_VARIANTS", "SUPPORTED_FAMILIES", "BranchDecoder", "Disabled"]
+
 ATTENTION_VARIANTS = ("gqa", "plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class Disabled:
+    """Features to leave out of the traced graph. Only tests use it: to prove that validation sees each one
+    (an export without the feature must fail validation). Never set by the exporter."""
+
+    windows: bool = False
+    qk_norm: bool = False
+    attn_softcap: bool = False
+    final_softcap: bool = False
+    rope: bool = False  # no rotary embedding at all
+    rope_tables: bool = False  # per-layer rope tables (local bases, no-rope layers, long factors) collapse to one
+    embed_scale: bool = False
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -36,15 +65,18 @@ class _GroupQueryAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, heads, kv_heads, scale):  # type: ignore[override]
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, heads, kv_heads, scale,  # type: ignore[override]
+                rotary, window, softcap):
         return torch.zeros_like(q), past_k.clone(), past_v.clone()
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, heads, kv_heads, scale):
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, heads, kv_heads, scale, rotary, window,
+                 softcap):
+        extra = (cos, sin) if rotary else ()
         out, present_k, present_v = g.op(
-            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin,
-            num_heads_i=heads, kv_num_heads_i=kv_heads, do_rotary_i=1, rotary_interleaved_i=0, scale_f=scale,
-            outputs=3)
+            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, *extra,
+            num_heads_i=heads, kv_num_heads_i=kv_heads, do_rotary_i=int(rotary), rotary_interleaved_i=0,
+            scale_f=scale, local_window_size_i=window, softcap_f=softcap, outputs=3)
         # Give the tracer the output types (the op has no shape inference in torch): out is shaped like q,
         # the presents like the pasts they alias.
         out.setType(q.type())
@@ -53,50 +85,189 @@ class _GroupQueryAttention(torch.autograd.Function):
         return out, present_k, present_v
 
 
+@dataclasses.dataclass
+class _RopeTable:
+    inv_freq: torch.Tensor  # [rotary_dim / 2]
+    scale: float  # transformers' attention_scaling (yarn, longrope): multiplies cos and sin
+    long_inv_freq: torch.Tensor | None = None  # longrope: used when a branch's max position + 1 > original_max
+    original_max: int = 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * int(self.inv_freq.shape[0])
+
+
+def _rope_table(rotary: nn.Module) -> _RopeTable:
+    if "longrope" in str(getattr(rotary, "rope_type", "")):
+        # transformers switches to the long factors per forward (dynamic_rope_update), when max(position) + 1
+        # exceeds original_max_position_embeddings; the graph does the same per branch (parity with generate).
+        cfg = rotary.config
+        original = int(getattr(cfg, "original_max_position_embeddings", None)
+                       or rotary.original_max_seq_len)
+        long_inv, _ = rotary.rope_init_fn(cfg, None, seq_len=original + 1)
+        return _RopeTable(inv_freq=rotary.original_inv_freq.detach().clone().float(),
+                          scale=float(rotary.attention_scaling), long_inv_freq=long_inv.detach().clone().float(),
+                          original_max=original)
+    # inv_freq and attention_scaling already include static rope scaling (linear, llama3, yarn) of the source.
+    return _RopeTable(inv_freq=rotary.inv_freq.detach().clone().float(), scale=float(rotary.attention_scaling))
+
+
 class BranchDecoder(nn.Module):
-    def __init__(self, hf_model: nn.Module, *, attention: str = "plain", value_head: nn.Module | None = None) -> None:
+    def __init__(self, hf_model: nn.Module, *, attention: str = "plain", value_head: nn.Module | None = None,
+                 disabled: Disabled | None = None) -> None:
         super().__init__()
         if attention not in ATTENTION_VARIANTS:
             raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
-        self.attention = attention
         cfg = hf_model.config
+        family = family_of(cfg.model_type)
+        if family is None:
+            raise ValueError(f"unsupported family {cfg.model_type!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        off = disabled or Disabled()
+        self.family: Family = family
+        self.attention = attention
         self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.groups = self.heads // self.kv_heads
-        self.embed = hf_model.model.embed_tokens
-        self.layers = hf_model.model.layers
-        self.norm = hf_model.model.norm
-        self.lm_head = hf_model.lm_head
+        paths = family.paths
+        base = getattr(hf_model, paths["base"])
+        self.embed = getattr(base, paths["embed"])
+        self.layers = getattr(base, paths["layers"])
+        self.norm = getattr(base, paths["final_norm"])
+        self.lm_head = getattr(hf_model, paths["lm_head"])
         self.value_head = value_head  # maps [..., hidden] -> [...] in [0, 1]
-        rotary = hf_model.model.rotary_emb
-        # inv_freq and attention_scaling already include any rope scaling (llama3, yarn, ...) of the source.
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().clone().float(), persistent=False)
-        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
-        if attention == "gqa":
-            # GroupQueryAttention reads cos/sin per position from these tables: [max_context, head_dim / 2].
-            angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)[:, None] * self.inv_freq[None]
-            self.register_buffer("cos_cache", angles.cos() * self.rope_scale, persistent=False)
-            self.register_buffer("sin_cache", angles.sin() * self.rope_scale, persistent=False)
+        self.mlps = nn.ModuleList([family.mlp(layer) for layer in self.layers])
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [branches, heads, new, head_dim]; cos/sin: [branches, 1, new, head_dim]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        # Family data resolved against this config.
+        parallel = family.block == "parallel" or bool(
+            family.parallel_field and getattr(cfg, family.parallel_field, False))
+        self.block = "parallel" if parallel else family.block
+        self.embed_scale = 1.0 if off.embed_scale else float(family.embed_scale(cfg))
+        self.residual_scale = float(family.residual_scale(cfg))
+        self.logit_divisor = float(family.logit_divisor(cfg))
+        self.qk_norm = None if off.qk_norm else family.qk_norm
+        self.attn_softcap = None if off.attn_softcap else getattr(cfg, "attn_logit_softcapping", None)
+        self.final_softcap = None if off.final_softcap else getattr(cfg, "final_logit_softcapping", None)
+        self.windows: list[int | None] = [None] * len(self.layers) if off.windows else layer_windows(family, cfg)
+
+        # Rope tables and which one each layer uses (None: the layer has no rope).
+        self.tables = [_rope_table(base.rotary_emb)]
+        if family.local_rope:
+            self.tables.append(_rope_table(getattr(base, family.local_rope)))
+        self.layer_rope: list[int | None] = []
+        no_rope = getattr(cfg, family.no_rope_field, None) if family.no_rope_field else None
+        for i in range(len(self.layers)):
+            if no_rope is not None and not no_rope[i]:
+                self.layer_rope.append(None)
+            elif family.local_rope and self.windows[i] is not None:
+                self.layer_rope.append(1)
+            else:
+                self.layer_rope.append(0)
+        if off.rope_tables:
+            self.layer_rope = [0] * len(self.layers)
+            self.tables = [dataclasses.replace(self.tables[0], long_inv_freq=None)]
+        if off.rope:
+            self.layer_rope = [None] * len(self.layers)
+        # GroupQueryAttention rotates inside the op only for full-width static tables; otherwise the graph does.
+        self.rope_in_op = all(t.rotary_dim == self.head_dim and t.long_inv_freq is None for t in self.tables)
+        if attention == "gqa" and self.rope_in_op:
+            # GroupQueryAttention reads cos/sin per position from these tables: [max_context, head_dim / 2].
+            positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)[:, None]
+            for i, t in enumerate(self.tables):
+                angles = positions * t.inv_freq[None]
+                self.register_buffer(f"cos_cache{i}", angles.cos() * t.scale, persistent=False)
+                self.register_buffer(f"sin_cache{i}", angles.sin() * t.scale, persistent=False)
 
     def forward(self, *args: torch.Tensor):
         if self.attention == "gqa":
             return self.forward_gqa(*args)
         return self.forward_plain(*args)
 
+    # --- pieces shared by both variants ---------------------------------------------------------------------
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)  # [branches, new, hidden]
+        return h * self.embed_scale if self.embed_scale != 1.0 else h
+
     def _logits(self, h: torch.Tensor, logits_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # Only the requested positions go through the final norm, the vocab projection and the value head.
         index = logits_index[:, :, None].expand(-1, -1, h.shape[-1])
         picked = self.norm(torch.gather(h, 1, index))  # [branches, k, hidden]
+        logits = self.lm_head(picked)  # [branches, k, vocab]
+        if self.logit_divisor != 1.0:
+            logits = logits / self.logit_divisor
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         if self.value_head is None:
-            return (self.lm_head(picked),)  # logits [branches, k, vocab]
-        return self.lm_head(picked), self.value_head(picked)  # and value [branches, k]
+            return (logits,)
+        return logits, self.value_head(picked)  # and value [branches, k]
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected and qk-normed q [branches, new, heads * head_dim], k and v [branches, new, kv_heads * head_dim]."""
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.family.qkv == "fused":
+            qkv = attn.qkv_proj(x)
+            q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if self.qk_norm == "whole":
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        elif self.qk_norm == "head":
+            b, n = x.shape[:2]
+            q = attn.q_norm(q.view(b, n, self.heads, self.head_dim)).reshape(b, n, q_size)
+            k = attn.k_norm(k.view(b, n, self.kv_heads, self.head_dim)).reshape(b, n, kv_size)
+        return q, k, v
+
+    def _rope_angles(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per rope table: cos, sin [branches, 1, new, rotary_dim] at positions [branches, new]."""
+        pos = positions.float()[..., None]  # [branches, new, 1]
+        out = []
+        for t in self.tables:
+            inv = t.inv_freq  # [rotary_dim / 2]
+            if t.long_inv_freq is not None:
+                # Per branch, as transformers per forward: long factors once max position + 1 > original max.
+                long = (positions.max(dim=1, keepdim=True).values + 1 > t.original_max)[..., None]  # [b, 1, 1]
+                inv = torch.where(long, t.long_inv_freq, t.inv_freq)  # [branches, 1, rotary_dim / 2]
+            freqs = pos * inv  # [branches, new, rotary_dim / 2]
+            angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [branches, 1, new, rotary_dim]
+            out.append((angles.cos() * t.scale, angles.sin() * t.scale))
+        return out
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [branches, heads, new, head_dim]; cos/sin: [branches, 1, new, rotary_dim]; rotate_half convention,
+        # dims past rotary_dim (partial rotary) pass through.
+        dim = cos.shape[-1]
+        rot, rest = x[..., :dim], x[..., dim:]
+        half = dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+    def _block(self, i: int, h: torch.Tensor, attend) -> torch.Tensor:
+        """One layer's residual wiring (families.py, `block`); attend(x) -> attention output [b, new, hidden]."""
+        layer, norms, r = self.layers[i], self.family.norms, self.residual_scale
+        mlp = self.mlps[i]
+        if self.block == "parallel":
+            x = getattr(layer, norms["input"])(h)
+            mlp_in = getattr(layer, norms["post_attn"])(h) if "post_attn" in norms else x
+            return h + attend(x) + mlp(mlp_in)
+        if self.block == "sandwich":
+            h = h + getattr(layer, norms["post_attn"])(attend(getattr(layer, norms["input"])(h)))
+            return h + getattr(layer, norms["post_ff"])(mlp(getattr(layer, norms["pre_ff"])(h)))
+        if self.block == "post":
+            h = h + getattr(layer, norms["post_attn"])(attend(h))
+            return h + getattr(layer, norms["post_ff"])(mlp(h))
+        h = h + r * attend(getattr(layer, norms["input"])(h))
+        return h + r * mlp(getattr(layer, norms["post_attn"])(h))
+
+    def _attn_module(self, i: int) -> nn.Module:
+        return getattr(self.layers[i], self.family.paths["attn"])
+
+    def _scaling(self, attn: nn.Module) -> float:
+        return float(getattr(attn, "scaling", self.head_dim ** -0.5))
+
+    # --- the two variants -----------------------------------------------------------------------------------
 
     def forward_gqa(self, input_ids: torch.Tensor, seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor,
                     logits_index: torch.Tensor, *past: torch.Tensor):
@@ -105,18 +276,40 @@ class BranchDecoder(nn.Module):
         # past: keys then values, each [branches, kv_heads, capacity, head_dim] — shared with the outputs
         n_layers = len(self.layers)
         past_keys, past_values = past[:n_layers], past[n_layers:]
-        h = self.embed(input_ids)  # [branches, new, hidden]
+        branches, new = input_ids.shape
+        h = self._embed(input_ids)
+        angles: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not self.rope_in_op:
+            # The runtime feeds every row `new` tokens, so row b's tokens sit at seqlens_k[b] + 1 - new + j.
+            positions = (seqlens_k.long()[:, None] + 1 - new) + torch.arange(new, device=input_ids.device)[None]
+            angles = self._rope_angles(positions)
         present_keys, present_values = [], []
-        for layer, pk, pv in zip(self.layers, past_keys, past_values, strict=True):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            out, k, v = _GroupQueryAttention.apply(
-                attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), pk, pv, seqlens_k, total_sequence_length,
-                self.cos_cache, self.sin_cache, self.heads, self.kv_heads, float(attn.scaling))
-            present_keys.append(k)
-            present_values.append(v)
-            h = h + attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for i, (pk, pv) in enumerate(zip(past_keys, past_values, strict=True)):
+            attn = self._attn_module(i)
+            table = self.layer_rope[i]
+
+            def attend(x: torch.Tensor, attn=attn, table=table, pk=pk, pv=pv, window=self.windows[i]
+                       ) -> torch.Tensor:
+                q, k, v = self._qkv(attn, x)
+                rotary = self.rope_in_op and table is not None
+                if not self.rope_in_op and table is not None:
+                    cos, sin = angles[table]
+                    q = self._rope(q.view(branches, new, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+                    k = self._rope(k.view(branches, new, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+                    q = q.transpose(1, 2).reshape(branches, new, self.heads * self.head_dim)
+                    k = k.transpose(1, 2).reshape(branches, new, self.kv_heads * self.head_dim)
+                t = table or 0
+                cos_cache = getattr(self, f"cos_cache{t}", None) if rotary else None
+                sin_cache = getattr(self, f"sin_cache{t}", None) if rotary else None
+                out, kk, vv = _GroupQueryAttention.apply(
+                    q, k, v, pk, pv, seqlens_k, total_sequence_length, cos_cache, sin_cache, self.heads,
+                    self.kv_heads, self._scaling(attn), rotary, -1 if window is None else window,
+                    float(self.attn_softcap or 0.0))
+                present_keys.append(kk)
+                present_values.append(vv)
+                return getattr(attn, self.family.paths["o_proj"])(out)
+
+            h = self._block(i, h, attend)
         return (*self._logits(h, logits_index), *present_keys, *present_values)
 
     def forward_plain(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -126,11 +319,11 @@ class BranchDecoder(nn.Module):
         n_layers = len(self.layers)
         past_keys, past_values = past[:n_layers], past[n_layers:]
         branches, new = input_ids.shape
-        h = self.embed(input_ids)  # [branches, new, hidden]
-
-        freqs = position_ids[..., None].float() * self.inv_freq  # [branches, new, head_dim/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [branches, 1, new, head_dim]
-        cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+        h = self._embed(input_ids)
+        angles = self._rope_angles(position_ids)
+        if all(t is None for t in self.layer_rope) and all(w is None for w in self.windows):
+            # Nothing reads positions (a test's rope-less graph): keep position_ids a graph input all the same.
+            h = h + position_ids[..., None].to(h.dtype) * 0.0
 
         # allowed[b, 0, 0, j, t]: new token j (slot past + j) may attend to key slot t.
         past_len = past_keys[0].shape[2]
@@ -138,29 +331,43 @@ class BranchDecoder(nn.Module):
         query_slot = torch.arange(new, device=input_ids.device) + past_len
         causal = key_slot[None, :] <= query_slot[:, None]  # [new, total]
         allowed = causal[None] & (attention_mask[:, None, :] > 0)  # [branches, new, total]
-        allowed = allowed[:, None, None]  # [branches, 1, 1, new, total]
+        masks: dict[int | None, torch.Tensor] = {None: allowed[:, None, None]}  # [branches, 1, 1, new, total]
+        key_pos = torch.cumsum(attention_mask, dim=1) - 1  # [branches, total]: the cache has holes
+        for window in {w for w in self.windows if w is not None}:
+            # transformers: a query at position i sees keys at positions > i - window.
+            near = position_ids[:, :, None] - key_pos[:, None, :] < window  # [branches, new, total]
+            masks[window] = (allowed & near)[:, None, None]
         floor = torch.finfo(h.dtype).min
 
         new_keys, new_values = [], []
-        for layer, pk, pv in zip(self.layers, past_keys, past_values, strict=True):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(branches, new, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(branches, new, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(branches, new, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            new_keys.append(k)
-            new_values.append(v)
-            keys = torch.cat((pk, k), dim=2)[:, :, None]  # [branches, kv_heads, 1, total, head_dim]
-            values = torch.cat((pv, v), dim=2)[:, :, None]
-            # Query head h uses KV head h // groups (as transformers' repeat_kv): group the query heads.
-            qg = q.reshape(branches, self.kv_heads, self.groups, new, self.head_dim)
-            scores = torch.matmul(qg, keys.transpose(-1, -2)) * attn.scaling  # [b, kv, g, new, total]
-            scores = torch.where(allowed, scores, floor)
-            probs = torch.softmax(scores, dim=-1)
-            out = torch.matmul(probs, values)  # [branches, kv_heads, groups, new, head_dim]
-            out = out.reshape(branches, self.heads, new, self.head_dim).transpose(1, 2)
-            h = h + attn.o_proj(out.reshape(branches, new, self.heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for i, (pk, pv) in enumerate(zip(past_keys, past_values, strict=True)):
+            attn = self._attn_module(i)
+            table = self.layer_rope[i]
+
+            def attend(x: torch.Tensor, attn=attn, table=table, pk=pk, pv=pv, mask=masks[self.windows[i]]
+                       ) -> torch.Tensor:
+                q, k, v = self._qkv(attn, x)
+                q = q.view(branches, new, self.heads, self.head_dim).transpose(1, 2)
+                k = k.view(branches, new, self.kv_heads, self.head_dim).transpose(1, 2)
+                v = v.view(branches, new, self.kv_heads, self.head_dim).transpose(1, 2)
+                if table is not None:
+                    cos, sin = angles[table]
+                    q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                new_keys.append(k)
+                new_values.append(v)
+                keys = torch.cat((pk, k), dim=2)[:, :, None]  # [branches, kv_heads, 1, total, head_dim]
+                values = torch.cat((pv, v), dim=2)[:, :, None]
+                # Query head h uses KV head h // groups (as transformers' repeat_kv): group the query heads.
+                qg = q.reshape(branches, self.kv_heads, self.groups, new, self.head_dim)
+                scores = torch.matmul(qg, keys.transpose(-1, -2)) * self._scaling(attn)  # [b, kv, g, new, total]
+                if self.attn_softcap:
+                    scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
+                scores = torch.where(mask, scores, floor)
+                probs = torch.softmax(scores, dim=-1)
+                out = torch.matmul(probs, values)  # [branches, kv_heads, groups, new, head_dim]
+                out = out.reshape(branches, self.heads, new, self.head_dim).transpose(1, 2)
+                return getattr(attn, self.family.paths["o_proj"])(out.reshape(branches, new, -1))
+
+            h = self._block(i, h, attend)
 
         return (*self._logits(h, logits_index), *new_keys, *new_values)

@@ -1,4 +1,4 @@
-"""Trace BranchDecoder to ONNX and describe its IO for the manifest."""
+"""Trace BranchDecoder (export/graph.py) to ONNX and describe its IO for the manifest."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .graph import BranchDecoder
+from .graph import BranchDecoder, Disabled
 
 OPSET = 17
 # ONNX protobuf files cannot exceed 2 GiB; past this size the weights go to an external data file.
@@ -52,15 +52,17 @@ def io_spec(*, attention: str, layers: int, kv_heads: int, head_dim: int, vocab:
     return {"inputs": inputs, "outputs": outputs}
 
 
-def export_onnx(*, model: Any, out_path: Path, attention: str, value_head: Any = None
-                ) -> dict[str, list[dict[str, Any]]]:
-    """Write `model` (a transformers Llama-family CausalLM) as an fp32 ONNX graph; return its IO spec.
+def export_onnx(*, model: Any, out_path: Path, attention: str, value_head: Any = None,
+                disabled: Disabled | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Write `model` (a transformers CausalLM of a family in export/families.py) as an fp32 ONNX graph; return its
+    IO spec.
 
     value_head: an optional torch module [..., hidden] -> [...] exported as the extra output `value`.
+    disabled: features left out of the graph (tests only: proves validation sees them).
     """
     import torch
 
-    decoder = BranchDecoder(model, attention=attention, value_head=value_head).eval()
+    decoder = BranchDecoder(model, attention=attention, value_head=value_head, disabled=disabled).eval()
     cfg = model.config
     layers = cfg.num_hidden_layers
     spec = io_spec(attention=attention, layers=layers, kv_heads=decoder.kv_heads, head_dim=decoder.head_dim,

@@ -19,6 +19,7 @@ from typing import Any
 from specreason_rt.manifest import sha256_file
 
 from .errors import ExportError
+from .families import check_config, family_of
 from .graph import SUPPORTED_FAMILIES
 
 
@@ -32,11 +33,15 @@ class Source:
     step_delimiter: str = "\n\n"
 
 
-def _check_family(model_type: str | None, architectures: Any, where: str) -> None:
-    if model_type not in SUPPORTED_FAMILIES:
+def _check_family(model_type: str | None, architectures: Any, where: str, config: Any = None) -> None:
+    """Refuse an unsupported family, and with `config` any field or value its decoder does not implement
+    (export/families.py), in one line naming it."""
+    if family_of(model_type) is None:
         arch = ", ".join(architectures or []) or "unknown class"
         raise ExportError(f"{where}: unsupported architecture {model_type!r} ({arch}); "
                           f"specreason-export supports {', '.join(SUPPORTED_FAMILIES)}")
+    if config is not None:
+        check_config(config, where)
 
 
 def _quiet_transformers() -> None:
@@ -63,7 +68,7 @@ def _load_hf_dir(location: str, *, kind: str, ident: str, local_dir: Path | None
             raise ExportError(f"cannot load {ident!r} from the Hugging Face hub ({_first_line(e)}); "
                               "check the id and network access, or pass a local directory or .gguf file") from e
         raise ExportError(f"{local_dir}: not a readable model directory ({_first_line(e)})") from e
-    _check_family(getattr(config, "model_type", None), getattr(config, "architectures", None), ident)
+    _check_family(getattr(config, "model_type", None), getattr(config, "architectures", None), ident, config)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -100,6 +105,7 @@ def _load_gguf(path: Path) -> Source:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - the GGUF loader raises many types for unsupported files
         raise ExportError(f"{path}: transformers cannot load this GGUF file ({_first_line(e)})") from e
+    _check_family(arch, None, str(path), model.config)
     return Source(kind="gguf", ident=str(path), model=model.eval(), tokenizer=tokenizer,
                   file_hashes={path.name: sha256_file(path)})
 

@@ -13,6 +13,12 @@ tokens, so both models see exactly the same contexts, and every logit row is com
 
 Feeding the reference (not the graph's own argmax) keeps quantized exports comparable: every variant is
 scored on the same positions instead of on its own, diverging continuation.
+
+Validation must be able to see what it validates: when the model has sliding windows and no context would pass
+the smallest one, the longest prompt is extended (with its own tokens, repeated) until prompt + decode steps
+exceed it. Features the contexts still cannot reach (longrope's long factors past original_max_position_embeddings,
+which would take thousands of tokens) are listed in the report as `not_exercised`. At fp32 the graph must match
+to float rounding, so a failure there with the default limits is a wrong export (a bug), reported as such.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import numpy as np
 from specreason_rt.engine import OrtEngine
 from specreason_rt.kv_cache import KVCache
 
+from .errors import ExportError
+from .families import family_of, layer_windows
 from .onnx_export import KV_NAMES
 
 
@@ -112,12 +120,14 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
         raise ValueError("validation needs >= 3 prompts of different lengths")
     tol = tolerance or DEFAULT_TOLERANCES[precision]
     cfg = model.config
+    prompts, not_exercised, smallest_window = _reach(config=cfg, prompts=prompts, decode_steps=decode_steps)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     engine = OrtEngine(model_path=onnx_path, layers=cfg.num_hidden_layers, kv_names=KV_NAMES[attention],
                        attention=attention)
     continuations = reference_continuations(model=model, prompts=prompts, tokens=decode_steps + 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     onnx_rows, onnx_values = run_onnx(engine=engine, prompts=prompts, continuations=continuations,
-                         kv_heads=cfg.num_key_value_heads, head_dim=head_dim, max_context=cfg.max_position_embeddings)
+                                      kv_heads=kv_heads, head_dim=head_dim, max_context=cfg.max_position_embeddings)
 
     if (value_head is not None) != (onnx_values is not None):
         raise ValueError(f"{onnx_path}: a value head was {'' if value_head is not None else 'not '}given but the "
@@ -140,6 +150,11 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
     passed = agreement >= tol.min_greedy_agreement and (
         tol.max_abs_logit_diff is None or max_diff <= tol.max_abs_logit_diff) and (
         value_head is None or tol.max_abs_value_diff is None or max_value_diff <= tol.max_abs_value_diff)
+    if not passed and precision == "fp32" and tolerance is None:
+        raise ExportError(
+            f"{onnx_path.parent.name}: the exported fp32 graph ({cfg.model_type}, {attention} attention) differs from "
+            f"transformers (max |logit diff| {max_diff:.3g}, greedy agreement {agreement:.1%}): the export is wrong, "
+            "a bug in specreason-export's decoder for this family (please report it); no bundle written")
     report: dict[str, Any] = {
         "passed": passed,
         "reference": "transformers (PyTorch, fp32) on the source weights, each branch run alone; both fed "
@@ -152,8 +167,35 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
         "max_abs_logit_diff": max_diff,
         "greedy_agreement": agreement,
         "greedy_positions_checked": total,
+        "longest_context": max(len(p) for p in prompts) + decode_steps,
+        "smallest_window": smallest_window,
+        "not_exercised": not_exercised,
         "tolerance": dataclasses.asdict(tol),
     }
     if value_head is not None:
         report["max_abs_value_diff"] = max_value_diff
     return report
+
+
+def _reach(*, config: Any, prompts: list[list[int]], decode_steps: int
+           ) -> tuple[list[list[int]], list[str], int | None]:
+    """Prompts whose longest context passes the smallest sliding window (the longest prompt extended with its own
+    tokens when needed); the features no context reaches; the smallest window (None without windows)."""
+    family = family_of(config.model_type)
+    windows = [w for w in layer_windows(family, config) if w is not None] if family else []
+    smallest = min(windows) if windows else None
+    prompts = [list(p) for p in prompts]
+    if smallest is not None:
+        longest = max(range(len(prompts)), key=lambda b: len(prompts[b]))
+        need = smallest + 2 - decode_steps  # prompt + decode steps > window by a margin of 2
+        p = prompts[longest]
+        if len(p) < need:
+            prompts[longest] = (p * (need // len(p) + 1))[:need]
+    not_exercised = []
+    scaling = getattr(config, "rope_scaling", None) or {}
+    original = getattr(config, "original_max_position_embeddings", None) or scaling.get(
+        "original_max_position_embeddings")
+    if "longrope" in str(scaling.get("rope_type", scaling.get("type", ""))) and original and (
+            max(len(p) for p in prompts) + decode_steps <= original):
+        not_exercised.append(f"longrope long factors (contexts past {original} tokens)")
+    return prompts, not_exercised, smallest

@@ -43,7 +43,14 @@ ModelEntry:
     file                     relative path of the ONNX model
     precision                as above
     architecture             family, layers, hidden, heads, kv_heads, head_dim, vocab_size, max_context,
-                             parameters
+                             parameters; optional (absent in older bundles, read as null):
+                             attention_windows  per layer the sliding window (a query at position i sees
+                                                keys at positions i - window + 1 .. i) or null for full
+                                                attention; the graph masks by it itself
+                             features           names of the math features the graph implements beyond a
+                                                Llama block (export/families.py: "qk_norm", "sliding_window",
+                                                "attn_softcap", "final_softcap", "sandwich_norm", "parallel",
+                                                "partial_rotary", "rope_longrope", "local_rope", ...)
     io                       inputs / outputs: [{name, dtype, shape}] with symbolic dims "branches",
                              "new_tokens", "past_tokens", "total_tokens", "logit_positions"
     kv_cache                 layout and names: past inputs `past_key.{i}` / `past_value.{i}`
@@ -103,6 +110,8 @@ class Architecture:
     vocab_size: int
     max_context: int
     parameters: int
+    attention_windows: list[int | None] | None = None  # per layer; None: not recorded (older bundles)
+    features: list[str] | None = None
 
     def kv_bytes_per_token(self, *, dtype_bytes: int = 4) -> int:
         """Bytes of KV cache one token of one branch needs (keys and values, all layers)."""
