@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import ExportError
+from .hf_compat import understood_renames
 
 # Understood by every family: shapes, the rope (inverse frequencies and attention scaling are read from the
 # source's own rotary module, so default / linear / llama3 / yarn scaling is exact; see ROPE_TYPES), tied
@@ -181,6 +182,7 @@ def check_config(config: Any, where: str) -> Family:
     # never read by transformers' code (and so not by the reference validation compares against either).
     known = set(type(config)().to_dict())
     understood = COMMON_FIELDS | family.fields | INERT_FIELDS | _base_fields()
+    understood |= understood_renames(understood)  # transformers 5.x names of understood fields (hf_compat.py)
     for name in sorted(known - understood):
         raise ExportError(f"{where}: config field {name!r} ({family.name}) changes the math and "
                           "specreason-export does not implement it; no bundle written")

@@ -19,16 +19,16 @@ large matmuls plus the router, with no per-expert graph nodes. A non-selected ex
 sum equals transformers' sparse one. Cost: all experts' FLOPs per token (experts / k times the sparse compute),
 the price of a graph without data-dependent control flow (TopK and ScatterElements are plain ONNX ops).
 
-The weights are read from the transformers module once, in `dense_moe`: the one place that knows each
-transformers version's layout (4.57 keeps qwen3_moe experts as a ModuleList of MLPs, 5.x as fused 3-D tensors).
+The weights are read from the transformers modules once, when the decoder is built (`qwen3_moe_block`,
+`gpt_oss_block`); what differs between transformers versions is in export/hf_compat.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from .hf_compat import qwen3_moe_expert_weights
 
 ROUTINGS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gpt_oss")
@@ -96,40 +96,27 @@ class DenseMoE(nn.Module):
         return out
 
 
-def is_moe_layer(config: Any, layer_index: int) -> bool:
-    """Whether decoder layer `layer_index` has an MoE block (qwen3_moe keeps dense MLPs on some layers)."""
-    if config.model_type == "gpt_oss":
-        return True
-    if config.model_type == "qwen3_moe":
-        step = config.decoder_sparse_step
-        return (layer_index not in (config.mlp_only_layers or []) and config.num_experts > 0
-                and step > 0 and (layer_index + 1) % step == 0)
-    return False
+def qwen3_moe_block(mlp: nn.Module) -> nn.Module:
+    """A qwen3_moe layer's feed-forward for the decoder: the DenseMoE of a sparse block, or the dense MLP as is
+    (layers in mlp_only_layers or off decoder_sparse_step keep a plain Qwen3MoeMLP)."""
+    if not hasattr(mlp, "experts"):
+        return mlp
+    router = mlp.gate  # 4.x: nn.Linear; 5.x: Qwen3MoeTopKRouter; both hold weight [experts, hidden]
+    top_k = getattr(mlp, "top_k", None) or router.top_k
+    normalize = getattr(mlp, "norm_topk_prob", None)
+    normalize = router.norm_topk_prob if normalize is None else normalize
+    w_in, w_out = qwen3_moe_expert_weights(mlp.experts)
+    return DenseMoE(router_weight=router.weight, router_bias=None, w_in=w_in, b_in=None, w_out=w_out, b_out=None,
+                    top_k=int(top_k), routing="softmax_topk", normalize_top_k=bool(normalize), activation="silu")
 
 
-def dense_moe(mlp: nn.Module, config: Any) -> DenseMoE:
-    """The DenseMoE equal to a transformers MoE block (`layer.mlp`) of a qwen3_moe or gpt_oss model."""
-    if config.model_type == "qwen3_moe":
-        experts = mlp.experts
-        if isinstance(experts, nn.ModuleList):  # transformers 4.x: one Qwen3MoeMLP (Linear layers) per expert
-            w_in = torch.stack([torch.stack([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
-            w_out = torch.stack([e.down_proj.weight.t() for e in experts])
-        else:  # 5.x: gate_up_proj [experts, 2 * inter, hidden] (gate rows first), down_proj [experts, hidden, inter]
-            w_in = experts.gate_up_proj.unflatten(1, (2, -1))
-            w_out = experts.down_proj.transpose(1, 2)
-        return DenseMoE(router_weight=mlp.gate.weight, router_bias=None, w_in=w_in, b_in=None, w_out=w_out,
-                        b_out=None, top_k=config.num_experts_per_tok, routing="softmax_topk",
-                        normalize_top_k=bool(config.norm_topk_prob), activation="silu")
-    if config.model_type == "gpt_oss":
-        experts = mlp.experts
-        # gate_up_proj [experts, hidden, 2 * inter] with gate and up interleaved along the last axis (gate even).
-        gate_up = experts.gate_up_proj.unflatten(2, (-1, 2))  # [experts, hidden, inter, 2]
-        w_in = gate_up.permute(0, 3, 2, 1)  # [experts, 2, inter, hidden]
-        b_in = experts.gate_up_proj_bias.unflatten(1, (-1, 2)).transpose(1, 2)  # [experts, 2, inter]
-        return DenseMoE(router_weight=mlp.router.weight, router_bias=mlp.router.bias, w_in=w_in, b_in=b_in,
-                        w_out=experts.down_proj, b_out=experts.down_proj_bias, top_k=config.num_experts_per_tok,
-                        routing="topk_softmax", activation="gpt_oss",
-                        # 4.57 keeps these as constants on the module, 5.x reads them from the config.
-                        alpha=getattr(experts, "alpha", getattr(config, "swiglu_alpha", 1.702)),
-                        limit=getattr(experts, "limit", getattr(config, "swiglu_limit", 7.0)))
-    raise ValueError(f"{config.model_type!r} has no mixture-of-experts block")
+def gpt_oss_block(mlp: nn.Module) -> DenseMoE:
+    """A gpt_oss layer's feed-forward (GptOssMLP: router with bias, experts with biases) as a DenseMoE."""
+    experts = mlp.experts
+    # gate_up_proj [experts, hidden, 2 * inter] with gate and up interleaved along the last axis (gate even).
+    w_in = experts.gate_up_proj.unflatten(2, (-1, 2)).permute(0, 3, 2, 1)  # [experts, 2, inter, hidden]
+    b_in = experts.gate_up_proj_bias.unflatten(1, (-1, 2)).transpose(1, 2)  # [experts, 2, inter]
+    return DenseMoE(router_weight=mlp.router.weight, router_bias=mlp.router.bias, w_in=w_in, b_in=b_in,
+                    w_out=experts.down_proj, b_out=experts.down_proj_bias, top_k=int(mlp.router.top_k),
+                    routing="topk_softmax", activation="gpt_oss", alpha=float(experts.alpha),
+                    limit=float(experts.limit))
