@@ -30,6 +30,8 @@ Field by field (`Family`):
     local_rope      attribute of the base holding the rope module for sliding layers (gemma3's rotary_emb_local)
     no_rope_field   config field listing per layer 1 = rope, 0 = no rope (smollm3 no_rope_layers)
     mlp             (layer) -> the module applied as the layer's feed-forward: the pluggable slot, e.g. an MoE block
+                    (export/moe.py: every expert computed, weighted by the scattered top-k routing)
+    sinks           attention sinks (gpt_oss attn.sinks [heads]): a per-head logit in the softmax denominator
 
 How to add a family:
     1. Add a `Family(...)` to FAMILIES: usually a copy of the nearest one with its differences set. List in
@@ -49,6 +51,7 @@ from typing import Any
 
 from .errors import ExportError
 from .hf_compat import understood_renames
+from .moe import gpt_oss_block, qwen3_moe_block
 
 # Understood by every family: shapes, the rope (inverse frequencies and attention scaling are read from the
 # source's own rotary module, so default / linear / llama3 / yarn scaling is exact; see ROPE_TYPES), tied
@@ -69,6 +72,8 @@ INERT_FIELDS = frozenset({
     # folded by the config classes into the fields that are read (layer_types, partial_rotary_factor, rope_theta)
     "use_sliding_window", "max_window_layers", "_sliding_window_pattern", "sliding_window_pattern",
     "no_rope_layer_interval", "rotary_pct", "rotary_emb_base",
+    # mixture of experts: the router's auxiliary loss and logits output exist for training only
+    "output_router_logits", "router_aux_loss_coef",
 })
 # Rope types whose inverse frequencies do not depend on the sequence: read once from the source. "longrope"
 # switches to its long factors past original_max_position_embeddings, selected per forward in the graph.
@@ -101,6 +106,7 @@ class Family:
     local_rope: str | None = None
     no_rope_field: str | None = None
     mlp: Callable[[Any], Any] = lambda layer: layer.mlp
+    sinks: bool = False
 
     def features(self, config: Any) -> list[str]:
         """Names of the math features this config turns on (recorded as architecture.features)."""
@@ -125,6 +131,10 @@ class Family:
             out.append("no_rope_layers")
         if float(getattr(config, "partial_rotary_factor", 1.0) or 1.0) < 1.0:
             out.append("partial_rotary")
+        if getattr(config, "num_experts_per_tok", None):
+            out.append("moe")
+        if self.sinks:
+            out.append("attention_sinks")
         rope = _rope_type(config)
         if rope != "default":
             out.append(f"rope_{rope}")
@@ -140,6 +150,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mistral", fields=frozenset({"sliding_window"}), windows="all"),
     Family("qwen2", fields=_WINDOW, windows="layer_types"),
     Family("qwen3", fields=_WINDOW, windows="layer_types", qk_norm="head"),
+    Family("qwen3_moe", fields=frozenset({"sliding_window", "num_experts", "num_experts_per_tok", "norm_topk_prob",
+                                          "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers"}),
+           windows="all", qk_norm="head", mlp=lambda layer: qwen3_moe_block(layer.mlp)),
+    Family("gpt_oss", fields=_WINDOW | {"num_local_experts", "num_experts_per_tok", "swiglu_alpha", "swiglu_limit"},
+           windows="layer_types", sinks=True, mlp=lambda layer: gpt_oss_block(layer.mlp)),
 )}
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 

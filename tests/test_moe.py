@@ -16,7 +16,7 @@ def tiny_moe_model(family: str, *, seed: int = 0, layers: int = 2):
     from transformers import AutoModelForCausalLM, GptOssConfig, Qwen3MoeConfig
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0, tie_word_embeddings=False)
     if family == "qwen3_moe":
@@ -83,3 +83,54 @@ def test_onnx_moe_routes_each_input_itself(family: str, tmp_path: Path) -> None:
     (ours,) = session.run(None, {"x": x.numpy()})
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
     assert len({tuple(r) for r in block.route(x).reshape(-1, 8).ne(0).tolist()}) > 1  # tokens chose differently
+
+
+# --- the families end to end: export, validation past the window, parity with transformers generate -------------
+
+def sharp_moe_model(family: str):
+    """tiny_moe_model with eager attention (the reference) and query/key weights sharpened as in test_families."""
+    from .test_families import SHARP
+
+    model = tiny_moe_model(family)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(SHARP):
+                p.mul_(20.0)
+            if name.endswith("sinks"):
+                p.mul_(30.0)  # sinks that take a visible share of the attention
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_moe_family_exports_and_validates(family: str, tmp_path: Path) -> None:
+    from specreason_export.families import check_config, family_of
+    from specreason_export.validate import reference_continuations
+
+    from .test_families import export_and_validate, prompts
+
+    model = sharp_moe_model(family)
+    check_config(model.config, family)
+    features = family_of(family).features(model.config)
+    assert "moe" in features and ("attention_sinks" in features) == (family == "gpt_oss")
+    for attention in ("plain", "gqa"):
+        report = export_and_validate(model, tmp_path, attention)
+        assert report["passed"], (attention, report)
+        assert report["max_abs_logit_diff"] < 1e-4 and report["greedy_agreement"] == 1.0
+        if family == "gpt_oss":
+            assert report["smallest_window"] == 8 and report["longest_context"] > 8
+    prompt = prompts()[0]
+    ours = reference_continuations(model=model, prompts=[prompt], tokens=9)[0]
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=False, min_new_tokens=9)
+    assert out[0, len(prompt):].tolist() == ours
+
+
+@pytest.mark.parametrize("attention", ["plain", "gqa"])
+def test_gpt_oss_without_sinks_fails_validation(attention: str, tmp_path: Path) -> None:
+    from specreason_export.graph import Disabled
+
+    from .test_families import export_and_validate
+
+    model = sharp_moe_model("gpt_oss")
+    report = export_and_validate(model, tmp_path, attention, disabled=Disabled(sinks=True))
+    assert not report["passed"] and report["max_abs_logit_diff"] > 0.1, report
