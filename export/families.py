@@ -19,10 +19,14 @@ Field by field (`Family`):
                       "parallel"  h += attn(input(h)) + mlp(post_attn(h) or input(h))        (gpt_neox, phi)
     parallel_field  config field that switches a "pre" family to "parallel" (gpt_neox use_parallel_residual)
     paths           attribute names: base (decoder body), embed, final_norm, lm_head, layers, attn, o_proj
-    qkv             "split" (q_proj, k_proj, v_proj) | "fused" (phi3 qkv_proj: q, k, v concatenated)
+    qkv             "split" (q_proj, k_proj, v_proj) | "fused" (phi3 qkv_proj: q, k, v concatenated) |
+                    "interleaved" (gpt_neox query_key_value: per head [q | k | v])
     norms           {"input", "post_attn", "pre_ff", "post_ff"} -> layer attribute names (absent = no such norm)
-    qk_norm         None | "head" (a norm over head_dim, per head: qwen3, gemma3) | "whole" (a norm over the
-                    whole projected q / k: olmo2); the modules are attn.q_norm / attn.k_norm
+    qk_norm         None | "head" (a norm over head_dim, per head: qwen3, gemma3, phi) | "head_first" (the same,
+                    a module that takes [branches, heads, new, head_dim] with weights per head: stablelm) |
+                    "whole" (a norm over the whole projected q / k: olmo2)
+    qk_norm_modules attention attributes holding the q and k norms; qk_norm_field: config flag that turns the
+                    qk-norm on (stablelm, phi qk_layernorm), None: always on
     embed_scale     config -> factor on the embeddings (gemma2: sqrt(hidden); gemma3's embedding module
                     scales by itself, so 1); residual_scale, logit_divisor likewise (granite)
     windows         "none" | "all" (config.sliding_window on every layer: mistral, phi3) | "layer_types"
@@ -99,6 +103,8 @@ class Family:
     qkv: str = "split"
     norms: dict[str, str] = dataclasses.field(default_factory=lambda: dict(_DEFAULT_NORMS))
     qk_norm: str | None = None
+    qk_norm_modules: tuple[str, str] = ("q_norm", "k_norm")
+    qk_norm_field: str | None = None
     embed_scale: Callable[[Any], float] = _one
     residual_scale: Callable[[Any], float] = _one
     logit_divisor: Callable[[Any], float] = _one
@@ -111,10 +117,12 @@ class Family:
     def features(self, config: Any) -> list[str]:
         """Names of the math features this config turns on (recorded as architecture.features)."""
         out = []
-        if self.qk_norm:
-            out.append("qk_norm" if self.qk_norm == "head" else "qk_norm_whole")
-        if self.block != "pre" or (self.parallel_field and getattr(config, self.parallel_field, False)):
-            out.append("parallel" if self.parallel_field else f"{self.block}_norm")
+        if self.qk_norm_in(config):
+            out.append("qk_norm_whole" if self.qk_norm == "whole" else "qk_norm")
+        if self.is_parallel(config):
+            out.append("parallel")
+        elif self.block != "pre":
+            out.append(f"{self.block}_norm")
         if any(w is not None for w in layer_windows(self, config)):
             out.append("sliding_window")
         if getattr(config, "attn_logit_softcapping", None):
@@ -138,18 +146,59 @@ class Family:
         rope = _rope_type(config)
         if rope != "default":
             out.append(f"rope_{rope}")
+        if self.qkv != "split":
+            out.append(f"{self.qkv}_qkv")
         return out
+
+    def qk_norm_in(self, config: Any) -> str | None:
+        """The qk-norm kind this config uses (None: none)."""
+        if self.qk_norm_field and not getattr(config, self.qk_norm_field, False):
+            return None
+        return self.qk_norm
+
+    def is_parallel(self, config: Any) -> bool:
+        return self.block == "parallel" or bool(self.parallel_field and getattr(config, self.parallel_field, False))
 
 
 PATHS = {"base": "model", "embed": "embed_tokens", "final_norm": "norm", "lm_head": "lm_head", "layers": "layers",
          "attn": "self_attn", "o_proj": "o_proj"}
 _WINDOW = frozenset({"sliding_window", "layer_types"})
 
+_GEMMA = frozenset({"query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"}) | _WINDOW
+_PARTIAL = frozenset({"partial_rotary_factor"})
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama"),
     Family("mistral", fields=frozenset({"sliding_window"}), windows="all"),
     Family("qwen2", fields=_WINDOW, windows="layer_types"),
     Family("qwen3", fields=_WINDOW, windows="layer_types", qk_norm="head"),
+    # gemma: (1 + w) RMSNorms are the source's own modules; attention scaling query_pre_attn_scalar**-0.5 is read
+    # from the attention module (attn.scaling).
+    Family("gemma2", fields=_GEMMA, block="sandwich", norms=_SANDWICH_NORMS, windows="layer_types",
+           embed_scale=lambda c: c.hidden_size ** 0.5),  # Gemma2Model multiplies the embeddings itself
+    # gemma3: its embedding module scales by itself; use_bidirectional_attention is understood as false only
+    Family("gemma3_text", fields=_GEMMA | {"rope_local_base_freq", "use_bidirectional_attention"}, block="sandwich",
+           norms=_SANDWICH_NORMS, windows="layer_types", qk_norm="head", local_rope="rotary_emb_local"),
+    Family("phi3", fields=_PARTIAL | {"sliding_window", "original_max_position_embeddings"}, qkv="fused",
+           windows="all"),
+    Family("smollm3", fields=_WINDOW | {"no_rope_layers"}, windows="layer_types", no_rope_field="no_rope_layers"),
+    Family("olmo2", block="post", norms={"post_attn": "post_attention_layernorm",
+                                         "post_ff": "post_feedforward_layernorm"}, qk_norm="whole"),
+    Family("granite", fields=frozenset({"embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                                        "logits_scaling"}),  # attention_multiplier is attn.scaling
+           embed_scale=lambda c: c.embedding_multiplier, residual_scale=lambda c: c.residual_multiplier,
+           logit_divisor=lambda c: c.logits_scaling),
+    Family("stablelm", fields=_PARTIAL | {"use_parallel_residual", "qk_layernorm", "use_qkv_bias"},
+           parallel_field="use_parallel_residual", qk_norm="head_first",
+           qk_norm_modules=("q_layernorm", "k_layernorm"), qk_norm_field="qk_layernorm",
+           norms={"input": "input_layernorm", "post_attn": "post_attention_layernorm"}),
+    Family("gpt_neox", fields=_PARTIAL | {"use_parallel_residual"}, parallel_field="use_parallel_residual",
+           qkv="interleaved", paths={**PATHS, "base": "gpt_neox", "embed": "embed_in", "final_norm": "final_layer_norm",
+                                     "lm_head": "embed_out", "attn": "attention", "o_proj": "dense"}),
+    Family("phi", fields=_PARTIAL | {"qk_layernorm"}, block="parallel", norms={"input": "input_layernorm"},
+           qk_norm="head", qk_norm_modules=("q_layernorm", "k_layernorm"), qk_norm_field="qk_layernorm",
+           paths={**PATHS, "final_norm": "final_layernorm", "o_proj": "dense"}),
+    # mixture of experts (export/moe.py)
     Family("qwen3_moe", fields=frozenset({"sliding_window", "num_experts", "num_experts_per_tok", "norm_topk_prob",
                                           "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers"}),
            windows="all", qk_norm="head", mlp=lambda layer: qwen3_moe_block(layer.mlp)),

@@ -147,20 +147,20 @@ class BranchDecoder(nn.Module):
         self.mlps = nn.ModuleList([family.mlp(layer) for layer in self.layers])
 
         # Family data resolved against this config.
-        parallel = family.block == "parallel" or bool(
-            family.parallel_field and getattr(cfg, family.parallel_field, False))
-        self.block = "parallel" if parallel else family.block
+        self.block = "parallel" if family.is_parallel(cfg) else family.block
         self.embed_scale = 1.0 if off.embed_scale else float(family.embed_scale(cfg))
         self.residual_scale = float(family.residual_scale(cfg))
         self.logit_divisor = float(family.logit_divisor(cfg))
-        self.qk_norm = None if off.qk_norm else family.qk_norm
+        self.qk_norm = None if off.qk_norm else family.qk_norm_in(cfg)
         self.attn_softcap = None if off.attn_softcap else getattr(cfg, "attn_logit_softcapping", None)
         self.final_softcap = None if off.final_softcap else getattr(cfg, "final_logit_softcapping", None)
         self.windows: list[int | None] = [None] * len(self.layers) if off.windows else layer_windows(family, cfg)
         self.sinks = family.sinks and not off.sinks
 
         # Rope tables and which one each layer uses (None: the layer has no rope).
-        self.tables = [_rope_table(base.rotary_emb)]
+        # The rope module lives on the decoder body; stablelm keeps one per attention module (all equal).
+        rotary = getattr(base, "rotary_emb", None) or getattr(self.layers[0], paths["attn"]).rotary_emb
+        self.tables = [_rope_table(rotary)]
         if family.local_rope:
             self.tables.append(_rope_table(getattr(base, family.local_rope)))
         self.layer_rope: list[int | None] = []
@@ -214,28 +214,39 @@ class BranchDecoder(nn.Module):
     def _qkv(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected and qk-normed q [branches, new, heads * head_dim], k and v [branches, new, kv_heads * head_dim]."""
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        b, n = x.shape[:2]
         if self.family.qkv == "fused":
             qkv = attn.qkv_proj(x)
             q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+        elif self.family.qkv == "interleaved":
+            qkv = attn.query_key_value(x).view(b, n, self.heads, 3 * self.head_dim)  # per head [q | k | v]
+            q, k, v = (qkv[..., i * self.head_dim:(i + 1) * self.head_dim].reshape(b, n, q_size) for i in range(3))
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if self.qk_norm is None:
+            return q, k, v
+        q_norm, k_norm = (getattr(attn, name) for name in self.family.qk_norm_modules)
         if self.qk_norm == "whole":
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        elif self.qk_norm == "head":
-            b, n = x.shape[:2]
-            q = attn.q_norm(q.view(b, n, self.heads, self.head_dim)).reshape(b, n, q_size)
-            k = attn.k_norm(k.view(b, n, self.kv_heads, self.head_dim)).reshape(b, n, kv_size)
-        return q, k, v
+            return q_norm(q), k_norm(k), v
+        q = q.view(b, n, self.heads, self.head_dim)
+        k = k.view(b, n, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head_first":  # the module takes [branches, heads, new, head_dim]
+            q, k = q_norm(q.transpose(1, 2)).transpose(1, 2), k_norm(k.transpose(1, 2)).transpose(1, 2)
+        else:
+            q, k = q_norm(q), k_norm(k)
+        return q.reshape(b, n, q_size), k.reshape(b, n, kv_size), v
 
-    def _rope_angles(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per rope table: cos, sin [branches, 1, new, rotary_dim] at positions [branches, new]."""
+    def _rope_angles(self, positions: torch.Tensor, seq_len: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per rope table: cos, sin [branches, 1, new, rotary_dim] at positions [branches, new]; seq_len
+        [branches]: tokens in each branch after this call (longrope's switch)."""
         pos = positions.float()[..., None]  # [branches, new, 1]
         out = []
         for t in self.tables:
             inv = t.inv_freq  # [rotary_dim / 2]
             if t.long_inv_freq is not None:
-                # Per branch, as transformers per forward: long factors once max position + 1 > original max.
-                long = (positions.max(dim=1, keepdim=True).values + 1 > t.original_max)[..., None]  # [b, 1, 1]
+                # Per branch, as transformers per forward (max position + 1 > original max: long factors), so a
+                # branch matches transformers generate: cached keys keep the factors they were computed with.
+                long = (seq_len > t.original_max)[:, None, None]  # [branches, 1, 1]
                 inv = torch.where(long, t.long_inv_freq, t.inv_freq)  # [branches, 1, rotary_dim / 2]
             freqs = pos * inv  # [branches, new, rotary_dim / 2]
             angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [branches, 1, new, rotary_dim]
@@ -259,7 +270,9 @@ class BranchDecoder(nn.Module):
         mlp = self.mlps[i]
         if self.block == "parallel":
             x = getattr(layer, norms["input"])(h)
-            mlp_in = getattr(layer, norms["post_attn"])(h) if "post_attn" in norms else x
+            # gpt_neox normalises the MLP's input with its own norm; phi and stablelm (no such module) reuse x
+            post = getattr(layer, norms["post_attn"], None) if "post_attn" in norms else None
+            mlp_in = post(h) if post is not None else x
             return h + attend(x) + mlp(mlp_in)
         if self.block == "sandwich":
             h = h + getattr(layer, norms["post_attn"])(attend(getattr(layer, norms["input"])(h)))
@@ -295,7 +308,9 @@ class BranchDecoder(nn.Module):
         if not self.rope_in_op:
             # The runtime feeds every row `new` tokens, so row b's tokens sit at seqlens_k[b] + 1 - new + j.
             positions = (seqlens_k.long()[:, None] + 1 - new) + torch.arange(new, device=input_ids.device)[None]
-            angles = self._rope_angles(positions)
+            # The padded tail of a ragged row counts here (the op's inputs do not say which tokens are padding):
+            # a batched prefill of rows on both sides of longrope's switch takes the long factors for all of them.
+            angles = self._rope_angles(positions, seqlens_k.long() + 1)
         present_keys, present_values = [], []
         for i, (pk, pv) in enumerate(zip(past_keys, past_values, strict=True)):
             attn = self._attn_module(i)
@@ -333,7 +348,7 @@ class BranchDecoder(nn.Module):
         past_keys, past_values = past[:n_layers], past[n_layers:]
         branches, new = input_ids.shape
         h = self._embed(input_ids)
-        angles = self._rope_angles(position_ids)
+        angles = self._rope_angles(position_ids, attention_mask.sum(dim=1))  # real tokens per branch
         if all(t is None for t in self.layer_rope) and all(w is None for w in self.windows):
             # Nothing reads positions (a test's rope-less graph): keep position_ids a graph input all the same.
             h = h + position_ids[..., None].to(h.dtype) * 0.0

@@ -38,7 +38,33 @@ CASES: dict[str, tuple[str, dict[str, Any], list[str]]] = {
               ["windows"]),
     "qwen3": ("Qwen3Config", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
               ["qk_norm", "windows"]),
+    # soft-caps low enough that the tiny model's logits and scores reach them
+    "gemma2": ("Gemma2Config", {"sliding_window": WINDOW, "attn_logit_softcapping": 5.0,
+                                "final_logit_softcapping": 0.3, "query_pre_attn_scalar": 64},
+               ["windows", "attn_softcap", "final_softcap", "embed_scale"]),
+    "gemma3_text": ("Gemma3TextConfig", {"sliding_window": WINDOW, "layer_types": ["sliding_attention",
+                                                                                 "full_attention"],
+                                         "rope_local_base_freq": 100.0, "final_logit_softcapping": 0.3},
+                    ["windows", "qk_norm", "rope_tables", "final_softcap"]),
+    # longrope switches to its long factors past 24 tokens: the 41- and 30-token prompts use them, the 12-token
+    # one (up to 20 tokens) the short ones
+    "phi3": ("Phi3Config", {"partial_rotary_factor": 0.5, "sliding_window": 32, "original_max_position_embeddings": 24,
+                            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 4.0],
+                                             "long_factor": [3.0, 5.0, 9.0, 17.0]}},
+             ["windows", "rope_tables"]),
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0], "use_sliding_window": False}, ["rope_tables"]),
+    "olmo2": ("Olmo2Config", {}, ["qk_norm"]),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.1, "logits_scaling": 2.0}, ["embed_scale"]),
+    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.5, "qk_layernorm": True,
+                                    "use_parallel_residual": True}, ["qk_norm", "rope"]),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.5, "partial_rotary_factor": 0.5, "use_parallel_residual": True,
+                                   "num_key_value_heads": None}, ["rope"]),
+    "phi": ("PhiConfig", {"partial_rotary_factor": 0.5, "qk_layernorm": True}, ["qk_norm", "rope"]),
 }
+# Per family, config changes for the gqa export only. phi3: GroupQueryAttention's inputs do not say which tokens of
+# a ragged batched prefill are padding, so longrope's switch is tested there with every row past it.
+GQA_OVERRIDES: dict[str, dict[str, Any]] = {"phi3": {"original_max_position_embeddings": 8}}
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny matmuls on a shared machine: torch's thread pool costs far more than it saves (15 ms per linear)."""
@@ -56,11 +82,19 @@ def tiny_model(family: str, *, seed: int = 0, **overrides: Any) -> Any:
     cls_name, extra, _ = CASES[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    # Our own init (transformers' stablelm init fails on its bias-free per-head norms): normal weights, norms and
+    # biases random around their neutral values so that reusing the wrong norm module shows.
+    with transformers.modeling_utils.no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(SHARP):
-                p.mul_(20.0)
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02 * (20.0 if name.endswith(SHARP) else 1.0))
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1.0 if "gemma" not in family else 0.0, 0.1)  # gemma norms compute (1 + w)
+            else:
+                p.normal_(0.0, 0.02)
+        model.tie_weights()
     return model
 
 
@@ -85,6 +119,8 @@ def test_family_exports_and_validates(family: str, tmp_path: Path) -> None:
     model = tiny_model(family)
     check_config(model.config, family)
     for attention in ("plain", "gqa"):
+        if attention == "gqa" and family in GQA_OVERRIDES:
+            model = tiny_model(family, **GQA_OVERRIDES[family])
         report = export_and_validate(model, tmp_path, attention)
         assert report["passed"], (attention, report)
         assert report["max_abs_logit_diff"] < 1e-4 and report["greedy_agreement"] == 1.0
