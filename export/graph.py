@@ -258,11 +258,12 @@ class BranchDecoder(nn.Module):
         # x: [branches, heads, new, head_dim]; cos/sin: [branches, 1, new, rotary_dim]; rotate_half convention,
         # dims past rotary_dim (partial rotary) pass through.
         dim = cos.shape[-1]
-        rot, rest = x[..., :dim], x[..., dim:]
+        partial = dim < x.shape[-1]
+        rot = x[..., :dim] if partial else x  # full rotary traces no slice
         half = dim // 2
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
         out = rot * cos + rotated * sin
-        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+        return torch.cat((out, x[..., dim:]), dim=-1) if partial else out
 
     def _block(self, i: int, h: torch.Tensor, attend) -> torch.Tensor:
         """One layer's residual wiring (families.py, `block`); attend(x) -> attention output [b, new, hidden]."""
@@ -280,8 +281,10 @@ class BranchDecoder(nn.Module):
         if self.block == "post":
             h = h + getattr(layer, norms["post_attn"])(attend(h))
             return h + getattr(layer, norms["post_ff"])(mlp(h))
-        h = h + r * attend(getattr(layer, norms["input"])(h))
-        return h + r * mlp(getattr(layer, norms["post_attn"])(h))
+        attn_out = attend(getattr(layer, norms["input"])(h))
+        h = h + (attn_out * r if r != 1.0 else attn_out)  # granite's residual multiplier; no op traced at 1
+        mlp_out = mlp(getattr(layer, norms["post_attn"])(h))
+        return h + (mlp_out * r if r != 1.0 else mlp_out)
 
     def _attn_module(self, i: int) -> nn.Module:
         return getattr(self.layers[i], self.family.paths["attn"])

@@ -203,3 +203,21 @@ def test_cli_refuses_unimplemented_field(tmp_path: Path, capsys: pytest.CaptureF
     code, err = run_export(capsys, "--speculator", str(src), "--verifier", str(src), "--out", str(out))
     assert_one_line_error(code, err, "'rope_scaling'", "dynamic")
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_int4_export_validates_by_agreement(family: str, tmp_path: Path) -> None:
+    """int4 weights (MatMulNBits) change logits by design: the export is judged by greedy agreement with the fp32
+    source over the same ragged, past-the-window contexts (the bar catches a broken graph, which agrees on almost
+    nothing)."""
+    from specreason_export.quantize import quantize
+    from specreason_export.validate import DEFAULT_TOLERANCES
+
+    model = tiny_model(family)
+    fp32, int4 = tmp_path / "fp32.onnx", tmp_path / "int4.onnx"
+    export_onnx(model=model, out_path=fp32, attention="gqa")
+    quantize(src=fp32, dst=int4, precision="int4", external_data=False)
+    report = validate(model=model, onnx_path=int4, attention="gqa", prompts=prompts(), precision="int4")
+    assert report["passed"], report
+    assert report["greedy_agreement"] >= DEFAULT_TOLERANCES["int4"].min_greedy_agreement
+    assert report["longest_context"] > report["smallest_window"]
