@@ -34,6 +34,8 @@ Field by field (`Family`):
     local_rope      attribute of the base holding the rope module for sliding layers (gemma3's rotary_emb_local)
     no_rope_field   config field listing per layer 1 = rope, 0 = no rope (smollm3 no_rope_layers)
     mlp             (layer) -> the module applied as the layer's feed-forward: the pluggable slot, e.g. an MoE block
+                    (export/moe.py: every expert computed, weighted by the scattered top-k routing)
+    sinks           attention sinks (gpt_oss attn.sinks [heads]): a per-head logit in the softmax denominator
 
 How to add a family:
     1. Add a `Family(...)` to FAMILIES: usually a copy of the nearest one with its differences set. List in
@@ -52,6 +54,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import ExportError
+from .hf_compat import understood_renames
+from .moe import gpt_oss_block, qwen3_moe_block
 
 # Understood by every family: shapes, the rope (inverse frequencies and attention scaling are read from the
 # source's own rotary module, so default / linear / llama3 / yarn scaling is exact; see ROPE_TYPES), tied
@@ -72,6 +76,8 @@ INERT_FIELDS = frozenset({
     # folded by the config classes into the fields that are read (layer_types, partial_rotary_factor, rope_theta)
     "use_sliding_window", "max_window_layers", "_sliding_window_pattern", "sliding_window_pattern",
     "no_rope_layer_interval", "rotary_pct", "rotary_emb_base",
+    # mixture of experts: the router's auxiliary loss and logits output exist for training only
+    "output_router_logits", "router_aux_loss_coef",
 })
 # Rope types whose inverse frequencies do not depend on the sequence: read once from the source. "longrope"
 # switches to its long factors past original_max_position_embeddings, selected per forward in the graph.
@@ -106,6 +112,7 @@ class Family:
     local_rope: str | None = None
     no_rope_field: str | None = None
     mlp: Callable[[Any], Any] = lambda layer: layer.mlp
+    sinks: bool = False
 
     def features(self, config: Any) -> list[str]:
         """Names of the math features this config turns on (recorded as architecture.features)."""
@@ -132,6 +139,10 @@ class Family:
             out.append("no_rope_layers")
         if float(getattr(config, "partial_rotary_factor", 1.0) or 1.0) < 1.0:
             out.append("partial_rotary")
+        if getattr(config, "num_experts_per_tok", None):
+            out.append("moe")
+        if self.sinks:
+            out.append("attention_sinks")
         rope = _rope_type(config)
         if rope != "default":
             out.append(f"rope_{rope}")
@@ -187,6 +198,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("phi", fields=_PARTIAL | {"qk_layernorm"}, block="parallel", norms={"input": "input_layernorm"},
            qk_norm="head", qk_norm_modules=("q_layernorm", "k_layernorm"), qk_norm_field="qk_layernorm",
            paths={**PATHS, "final_norm": "final_layernorm", "o_proj": "dense"}),
+    # mixture of experts (export/moe.py)
+    Family("qwen3_moe", fields=frozenset({"sliding_window", "num_experts", "num_experts_per_tok", "norm_topk_prob",
+                                          "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers"}),
+           windows="all", qk_norm="head", mlp=lambda layer: qwen3_moe_block(layer.mlp)),
+    Family("gpt_oss", fields=_WINDOW | {"num_local_experts", "num_experts_per_tok", "swiglu_alpha", "swiglu_limit"},
+           windows="layer_types", sinks=True, mlp=lambda layer: gpt_oss_block(layer.mlp)),
 )}
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 
@@ -229,6 +246,7 @@ def check_config(*, config: Any, where: str) -> Family:
     # never read by transformers' code (and so not by the reference validation compares against either).
     known = set(type(config)().to_dict())
     understood = COMMON_FIELDS | family.fields | INERT_FIELDS | _base_fields()
+    understood |= understood_renames(understood)  # transformers 5.x names of understood fields (hf_compat.py)
     for name in sorted(known - understood):
         raise ExportError(f"{where}: config field {name!r} ({family.name}) changes the math and "
                           "specreason-export does not implement it; no bundle written")

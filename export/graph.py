@@ -55,6 +55,7 @@ class Disabled:
     rope: bool = False  # no rotary embedding at all
     rope_tables: bool = False  # per-layer rope tables (local bases, no-rope layers, long factors) collapse to one
     embed_scale: bool = False
+    sinks: bool = False
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -66,13 +67,20 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, heads, kv_heads, scale,  # type: ignore[override]
-                rotary, window, softcap):
+                rotary, window, softcap, sink=None):
         return torch.zeros_like(q), past_k.clone(), past_v.clone()
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, heads, kv_heads, scale, rotary, window,
-                 softcap):
+                 softcap, sink=None):
         extra = (cos, sin) if rotary else ()
+        if sink is not None:
+            # head_sink is input 11: omitted optional inputs before it are encoded as "" (a None constant).
+            def none():
+                n = g.op("prim::Constant")
+                n.setType(torch._C.OptionalType.ofTensor())
+                return n
+            extra = (*(extra or (none(), none())), none(), none(), sink)
         out, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, *extra,
             num_heads_i=heads, kv_num_heads_i=kv_heads, do_rotary_i=int(rotary), rotary_interleaved_i=0,
@@ -149,6 +157,7 @@ class BranchDecoder(nn.Module):
         self.windows: list[int | None] = layer_windows(family=family, config=cfg)
         if off.windows:
             self.windows = [None] * len(self.layers)
+        self.sinks = family.sinks and not off.sinks
 
         # Rope tables and which one each layer uses (None: the layer has no rope).
         # The rope module lives on the decoder body; stablelm keeps one per attention module (all equal).
@@ -283,6 +292,10 @@ class BranchDecoder(nn.Module):
     def _attn_module(self, i: int) -> nn.Module:
         return getattr(self.layers[i], self.family.paths["attn"])
 
+    def _sink(self, attn: nn.Module) -> torch.Tensor | None:
+        """The attention sink logits [heads] (families.py `sinks`), or None."""
+        return attn.sinks.float() if self.sinks else None
+
     def _scaling(self, attn: nn.Module) -> float:
         return float(getattr(attn, "scaling", self.head_dim ** -0.5))
 
@@ -325,7 +338,7 @@ class BranchDecoder(nn.Module):
                 out, kk, vv = _GroupQueryAttention.apply(
                     q, k, v, pk, pv, seqlens_k, total_sequence_length, cos_cache, sin_cache, self.heads,
                     self.kv_heads, self._scaling(attn), rotary, -1 if window is None else window,
-                    float(self.attn_softcap or 0.0))
+                    float(self.attn_softcap or 0.0), self._sink(attn))
                 present_keys.append(kk)
                 present_values.append(vv)
                 return getattr(attn, self.family.paths["o_proj"])(out)
@@ -384,7 +397,13 @@ class BranchDecoder(nn.Module):
                 if self.attn_softcap:
                     scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
                 scores = torch.where(mask, scores, floor)
-                probs = torch.softmax(scores, dim=-1)
+                if self.sinks:
+                    # gpt-oss: a per-head sink logit joins the softmax denominator and is dropped after it.
+                    sink = self._sink(attn).reshape(1, self.kv_heads, self.groups, 1, 1).expand(
+                        branches, -1, -1, new, 1)
+                    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+                else:
+                    probs = torch.softmax(scores, dim=-1)
                 out = torch.matmul(probs, values)  # [branches, kv_heads, groups, new, head_dim]
                 out = out.reshape(branches, self.heads, new, self.head_dim).transpose(1, 2)
                 return getattr(attn, self.family.paths["o_proj"])(out.reshape(branches, new, -1))

@@ -84,5 +84,5 @@ class Prompt:
             if len(self.messages) != 1:
                 raise ConfigError("this bundle's models have no chat template, so a conversation cannot be "
                                   "rendered: send one user message, or the raw text as a completion prompt")
-            return tokenizer.encode(self.problem)
+            return tokenizer.encode_prompt(self.problem)  # plain text, said once per model
         return tokenizer.encode_chat([{"role": r, "content": c} for r, c in self.messages])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ from tokenizers.decoders import DecodeStream
 
 from .errors import SpecReasonError
 from .manifest import Generation
+
+log = logging.getLogger(__name__)
 
 
 class TokenizerError(SpecReasonError):
@@ -193,6 +196,12 @@ class Tokenizer:
             raise TokenizerError(f"the manifest's generation ids {bad} are outside {path}'s vocabulary of "
                                  f"{self.vocab_size}; the tokenizer does not belong to this model, re-export")
         self._template: jinja2.Template | None = None
+        self._path = path
+        self._said_plain = False
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.generation.chat_template)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. add_special_tokens applies the tokenizer's post-processor (e.g. a BOS)."""
@@ -250,6 +259,19 @@ class Tokenizer:
             raise TokenizerError(f"the chat template does not compile ({e})") from e
         self.generation = replace(self.generation, chat_template=template)
         self._template = compiled
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of one user prompt: the chat template around it when the model has one, else the plain text
+        with the tokenizer's own special tokens (its BOS), which is what a base model was trained on (the
+        Gemma-3-270M GGUF ships no template). The first plain prompt is said once per tokenizer on this module's
+        logger, so a user sees that no chat formatting was applied."""
+        if self.has_chat_template:
+            return self.encode_chat([{"role": "user", "content": text}])
+        if not self._said_plain:
+            self._said_plain = True
+            log.warning("%s: the model has no chat template; prompts are passed as plain text",
+                        self._path.parent.name or self._path)
+        return self.encode(text)
 
     def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat; the template supplies the special tokens, so none are added."""

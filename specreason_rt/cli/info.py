@@ -132,8 +132,7 @@ def _generate(args: argparse.Namespace) -> int:
     bundle = Bundle(args.bundle, roles=[args.model], providers=provider_config(args),
                     intra_op_threads=args.threads, kv_limit_bytes=int(args.kv_limit_mib * 2**20))
     model, tok = bundle.models[args.model], bundle.tokenizers[args.model]
-    use_chat = not args.raw and model.generation.chat_template is not None
-    prompt = tok.encode_chat([{"role": "user", "content": prompt_text}]) if use_chat else tok.encode(prompt_text)
+    prompt = tok.encode(prompt_text) if args.raw else tok.encode_prompt(prompt_text)
 
     stream = args.branches == 1 and not args.json
     streamer = StreamDecoder(tokenizer=tok)
