@@ -243,7 +243,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
                 "role": args.role, "prompt": args.prompt, "windows": args.windows, **run}
 
     result = _run(specs, args, body)
-    lines = _cell_lines(f"  {result['prompt_tokens']}-token prompt + {args.new_tokens} greedy tokens", result,
+    lines = _cell_lines(f"  {result['prompt_tokens']}-token prompt + {args.new_tokens} greedy tokens", result["timing"],
                         "tok/s")
     for name, out in result["outputs"].items():
         same = "identical to ours" if out["identical_to_ours"] else f"differs at token {out['first_difference']}"

@@ -287,7 +287,7 @@ def bench_generate(workers: Sequence[Worker], *, prompt: list[int], new_tokens: 
         outputs[name] = {"tokens": tokens, "identical_to_ours": tokens == reference,
                          "first_difference": None if tokens == reference else same,
                          "deterministic": all(a[i]["tokens"] == tokens for a in answers)}
-    return {"prompt_tokens": len(prompt), "new_tokens": new_tokens, **summary, "outputs": outputs}
+    return {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "timing": summary, "outputs": outputs}
 
 
 def describe(workers: Sequence[Worker], *, threads: int) -> dict[str, Any]:

@@ -67,13 +67,16 @@ def test_decode_gives_every_system_the_same_threads_and_interleaves(tiny_bundle:
         assert all(s["cores_used"]["n"] == 4 for s in cell["systems"].values())
 
 
-def test_generate_outputs_are_compared(tiny_bundle: Path, tiny_llama_dir: Path) -> None:
+def test_generate_outputs_are_compared(tiny_bundle: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
     """End to end on the same fp32 weights: ours and transformers must write the same greedy tokens."""
+    out = tmp_path / "generate.json"
     res = bench("generate", "--bundle", str(tiny_bundle), "--peer", "transformers", str(tiny_llama_dir),
                 "--threads", "1", "--raw", "--prompt", "37+45*3", "--new-tokens", "12", "--windows", "2",
-                "--gap-ms", "0", "--json")
+                "--gap-ms", "0", "--out", str(out))
     assert res.returncode == 0, res.stderr
-    data = json.loads(res.stdout)
+    assert "transformers" in res.stdout and "identical to ours" in res.stdout  # the human summary
+    data = json.loads(out.read_text())
+    assert data["timing"]["ratios"][f"{OURS}/transformers"]["n"] == 2
     outs = data["outputs"]
     assert len(outs[OURS]["tokens"]) == 12 and outs["transformers"]["tokens"] == outs[OURS]["tokens"]
     assert outs["transformers"]["identical_to_ours"] and outs[OURS]["deterministic"]
