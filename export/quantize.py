@@ -3,7 +3,13 @@
 int8: dynamic quantization (int8 weights, activations quantized on the fly) of every MatMul — CPU.
 int4: MatMulNBits, block 32, symmetric, accuracy_level 4 (int8 compute): on this CPU level 4 is
       2-3x faster per decode step than the default (DESIGN.md §5). The lm_head is already untied in our
-      graph (its own MatMul initializer), so the quantizer covers it too.
+      graph (its own MatMul initializer), so the quantizer covers it too; the embedding stays fp32 (a
+      Gather reads one row per token). This is the format onnxruntime-genai's builder writes, and
+      `specreason bench quality` measured it at least as close to fp32 as genai's int4 model (SmolLM2-135M:
+      greedy agreement 70.4% vs 69.7%, perplexity 1.181x vs 1.192x fp32). Variants measured against it are
+      in BENCHMARKS.md ("int4 quality"): block 16 or an 8-bit lm_head gain ~3 points of agreement for more
+      bytes per step; asymmetric and k-quant raise perplexity; HQQ's float zero points are nearly lossless
+      on a Q4_1 GGUF source but have no int8 kernel in ONNX Runtime 1.32 (over 10x slower decode).
 """
 
 from __future__ import annotations

@@ -65,7 +65,9 @@ ModelEntry:
     generation               bos_id, eos_ids, pad_id, chat_template, step_delimiter
     source                   kind ("builtin" | "hf" | "gguf"), id, {file: sha256}
     validation               the export's self-check against the PyTorch source (see export/validate.py); with
-                             a value head also max_abs_value_diff (ONNX `value` vs the torch head)
+                             a value head also max_abs_value_diff (ONNX `value` vs the torch head); optional
+                             `quality` (quantized bundles, written by `specreason bench quality --record`:
+                             greedy agreement and perplexity vs the fp32 export, specreason_rt/bench_quality.py)
     value_head               optional (absent or null = no head): a value head inside this graph, the extra
                              output `value`. {input_size (= architecture.hidden), hidden, file (the source file
                              name), sha256 (of that file), metrics (the head's own held-out measurements, e.g.

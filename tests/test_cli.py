@@ -86,44 +86,6 @@ def test_info_summarises_the_bundle(tiny_bundle: Path) -> None:
     assert "KV cache for 4 branches x 128 tokens" in res.stdout  # context capped at the model's max
 
 
-def test_bench_commands_emit_json(tiny_bundle: Path) -> None:
-    """The benchmarks run end to end and report every field (their timings are not checked: not a test)."""
-    res = run("bench", "decode", "--bundle", str(tiny_bundle), "--branches", "1", "2", "--contexts", "8",
-              "--steps", "2", "--repeats", "1", "--prefill-tokens", "16", "--json")
-    assert res.returncode == 0, res.stderr
-    data = json.loads(res.stdout)
-    assert {(r["role"], r["branches"]) for r in data["results"]} == {
-        (role, b) for role in ("speculator", "verifier") for b in (1, 2)}
-    assert {"python_overhead_pct", "bandwidth_floor_ms", "tokens_per_s"} <= set(data["results"][0])
-    assert [r["n_specs"] for r in data["prefill"]] == [1, 4, 1, 4]
-    assert data["attention"] == {"speculator": "gqa", "verifier": "gqa"}
-    res = run("bench", "logits", "--bundle", str(tiny_bundle), "--tokens", "16", "--repeats", "1", "--json")
-    assert res.returncode == 0, res.stderr
-    rows = json.loads(res.stdout)["results"]
-    assert [r["branches"] for r in rows] == [1, 4]
-    assert rows[0]["all_positions_logits_mb"] > rows[0]["last_only_logits_mb"]
-
-
-def test_bench_compares_with_transformers_in_the_same_run(tiny_bundle: Path, tiny_llama_dir: Path) -> None:
-    """A real peer run (transformers generate on the same weights), from the repository root."""
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([EXE, "bench", "decode", "--bundle", str(tiny_bundle), "--roles", "speculator",
-                          "--branches", "1", "2", "--contexts", "8", "--steps", "3", "--repeats", "1",
-                          "--prefill-tokens", "16", "--peer", "transformers", str(tiny_llama_dir), "--json"],
-                         capture_output=True, text=True, cwd=root, timeout=300)
-    assert res.returncode == 0, res.stderr
-    data = json.loads(res.stdout)
-    comp = data["comparison"]["transformers"]
-    assert [(c["branches"], c["context"]) for c in comp["decode"]] == [(1, 8), (2, 8)]
-    assert all(c["tokens_per_s_ratio"] > 0 for c in comp["decode"])
-    assert set(comp["prefill"]) == {"ours_n4_over_n1", "peer_n4_over_n1"}
-
-
-def test_bench_refuses_unknown_peer(tiny_bundle: Path) -> None:
-    res = run("bench", "decode", "--bundle", str(tiny_bundle), "--peer", "llama.cpp", "x")
-    assert res.returncode == 1 and "unknown peer 'llama.cpp'" in res.stderr
-
-
 def test_version_on_both_commands_and_python_m() -> None:
     version = metadata.version("specreason-rt")
     for cmd, prog in (([EXE], "specreason"), ([sys.executable, "-m", "specreason_rt"], "specreason"),

@@ -1,110 +1,129 @@
-"""Peer benchmark: transformers `generate` (PyTorch, CPU) on the model our runtime exports.
+"""Peer worker: transformers (PyTorch, CPU) behind the benchmark worker protocol (specreason_rt/bench_worker.py).
 
-Runs in a venv with torch and transformers (the project's `export` extra). Prints one JSON object shaped like
-genai_bench.py's, so `specreason bench decode --peer transformers MODEL` can compare in the same run.
+Runs in a venv with torch and transformers (the peer venv of setup_genai.sh: transformers 5; the project's
+`export` extra, transformers 4.57, works too). `specreason bench ... --peer transformers MODEL` starts it as
 
-Decode, for each (B branches, T context): `generate` with greedy search on B copies of a fixed T-token
-context, `steps + 1` new tokens; a streamer timestamps every token, and ms_per_step is the mean gap between
-consecutive new tokens after the first (the first one is the prefill's). Median over repeats.
-Prefill, for n_specs in {1, 4}: time to the first new token with n_specs copies of a fixed prompt.
+    python runtime/peers/transformers_bench.py --worker --model MODEL --threads N
+
+MODEL is a .gguf file (dequantized to fp32 on load, as our exporter does) or a Hugging Face folder.
+Threads: torch.set_num_threads(N), read back with torch.get_num_threads().
+
+Decode is the loop `generate` runs, without its logits processors: a forward over the new tokens with the
+DynamicCache, argmax. The prefill asks for the last position's logits only (logits_to_keep=1), like ours.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
 
-class TokenClock(BaseStreamer):
-    """Records the wall time at which generate hands over each batch of new tokens."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.calls = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls > 1:  # the first call carries the prompt
-            self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
+def timed(work: Any) -> tuple[dict[str, float], Any]:
+    t0, c0, p0 = time.monotonic(), time.process_time(), time.perf_counter()
+    out = work()
+    wall, cpu = time.perf_counter() - p0, time.process_time() - c0
+    return {"wall_s": wall, "cpu_s": cpu, "t0": t0, "t1": time.monotonic()}, out
 
 
-def load(path: str) -> AutoModelForCausalLM:
+def load(path: str) -> Any:
     p = Path(path)
     if p.suffix == ".gguf":
         return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
 
 
-def generate(model: AutoModelForCausalLM, ids: torch.Tensor, new_tokens: int, clock: TokenClock | None) -> None:
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock)
+class TransformersWorker:
+    def __init__(self, model_path: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity_error()
+        self.model = load(model_path)
+        self.hello = {"ready": True, "system": "transformers", "version": transformers.__version__,
+                      "torch": torch.__version__, "precision": "fp32", "threads": torch.get_num_threads(),
+                      "vocab_size": int(self.model.config.vocab_size), "threads_how": "torch.set_num_threads"}
+        self.past: Any = None
+        self.token: torch.Tensor | None = None  # [branches, 1]
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, past: Any, keep: int = 1) -> tuple[torch.Tensor, Any]:
+        out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=keep)
+        return out.logits, out.past_key_values
+
+    def _step(self) -> None:
+        logits, self.past = self._forward(self.token, self.past)
+        self.token = logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode_start(self, ids: list[int], branches: int, warmup: int, max_new: int) -> dict[str, Any]:
+        self.past = None
+        logits, self.past = self._forward(torch.tensor([ids] * branches), None)
+        self.token = logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(warmup):
+            self._step()
+        return {"ok": True}
+
+    def decode_window(self, steps: int) -> dict[str, Any]:
+        stats, _ = timed(lambda: [self._step() for _ in range(steps)])
+        return {"ok": True, **stats}
+
+    def prefill(self, ids: list[int], n_specs: int) -> dict[str, Any]:
+        self.past = None
+        rows = torch.tensor([ids] * n_specs)  # no way to share one prompt's cache across rows in one call
+        stats, _ = timed(lambda: self._forward(rows, None))
+        return {"ok": True, **stats}
+
+    def generate(self, ids: list[int], new_tokens: int) -> dict[str, Any]:
+        self.past = None
+
+        def work() -> list[int]:
+            logits, past = self._forward(torch.tensor([ids]), None)
+            out = [int(logits[0, -1].argmax())]
+            while len(out) < new_tokens:
+                logits, past = self._forward(torch.tensor([[out[-1]]]), past)
+                out.append(int(logits[0, -1].argmax()))
+            return out
+
+        stats, tokens = timed(work)
+        return {"ok": True, **stats, "tokens": tokens}
+
+    def score(self, ids: list[int]) -> dict[str, Any]:
+        logits, _ = self._forward(torch.tensor([ids]), None, keep=0)  # keep=0: every position
+        logp = torch.log_softmax(logits[0, :-1].double(), -1)  # [T-1, vocab]
+        target = torch.tensor(ids[1:])
+        return {"ok": True, "argmax": logits[0, :-1].argmax(-1).tolist(),
+                "logprob": logp[torch.arange(len(target)), target].tolist()}
 
 
-def decode_ms(model: AutoModelForCausalLM, tokens: np.ndarray, batch: int, context: int, steps: int) -> float:
-    ids = torch.tensor(np.tile(tokens[:context], (batch, 1)))  # [batch, context]
-    clock = TokenClock()
-    generate(model, ids, steps + 1, clock)
-    gaps = np.diff(clock.times)  # [steps]: one decode step each
-    return float(gaps.mean() * 1e3)
-
-
-def prefill_ms(model: AutoModelForCausalLM, tokens: np.ndarray, batch: int) -> float:
-    ids = torch.tensor(np.tile(tokens, (batch, 1)))
-    start = time.perf_counter()
-    generate(model, ids, 1, None)
-    return (time.perf_counter() - start) * 1e3
+def serve(worker: TransformersWorker) -> None:
+    """One request line in, one answer line out (the protocol of specreason_rt/bench_worker.py)."""
+    handlers = {"decode_start": worker.decode_start, "decode_window": worker.decode_window,
+                "prefill": worker.prefill, "generate": worker.generate, "score": worker.score}
+    print(json.dumps(worker.hello), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        if op == "quit":
+            break
+        try:
+            answer = handlers[op](**request)
+        except Exception as e:  # reported to the harness, which names this peer
+            answer = {"error": f"{op}: {type(e).__name__}: {e}"}
+        print(json.dumps(answer), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", action="store_true", required=True, help="speak the worker protocol on stdin/stdout")
     ap.add_argument("--model", required=True, help="a .gguf file or a Hugging Face model folder")
-    ap.add_argument("--branches", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 2048])
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
-    ap.add_argument("--prefill-specs", type=int, nargs="*", default=[1, 4])
-    ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--json", action="store_true", help="print only the JSON object")
+    ap.add_argument("--threads", type=int, required=True, help="torch intra-op threads (the same for every system)")
     args = ap.parse_args(argv)
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    model = load(args.model)
-    vocab = model.config.vocab_size
-    tokens = np.random.default_rng(1234).integers(100, vocab, size=max(args.contexts + [args.prefill_tokens]))
-    decode = []
-    for b in args.branches:
-        for t in args.contexts:
-            decode_ms(model, tokens, b, t, 2)  # warm-up
-            ms = statistics.median(decode_ms(model, tokens, b, t, args.steps) for _ in range(args.repeats))
-            decode.append({"branches": b, "context": t, "ms_per_step": round(ms, 3),
-                           "tokens_per_s": round(b * 1e3 / ms, 1)})
-            print(f"transformers B={b} T={t}: {ms:.2f} ms/step", file=sys.stderr)
-    prefill = []
-    for n in args.prefill_specs:
-        prefill_ms(model, tokens[:args.prefill_tokens], n)  # warm-up
-        ms = statistics.median(prefill_ms(model, tokens[:args.prefill_tokens], n) for _ in range(args.repeats))
-        prefill.append({"n_specs": n, "prompt_tokens": args.prefill_tokens, "ms": round(ms, 2)})
-    result = {"peer": "transformers", "version": transformers.__version__, "torch": torch.__version__,
-              "model": args.model, "precision": "fp32", "threads": torch.get_num_threads(), "steps": args.steps,
-              "repeats": args.repeats, "decode": decode, "prefill": prefill}
-    print(json.dumps(result, indent=None if args.json else 2))
+    serve(TransformersWorker(args.model, args.threads))
     return 0
 
 

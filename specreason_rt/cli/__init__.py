@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, info, reason, serve
+from ..bench import add_commands as add_bench_commands
+from . import info, reason, serve
 from .common import PROG, add_provider_arguments, apply_conventions, provider_config, run_command, version_line
 from .parser import Parser
 
@@ -27,7 +28,10 @@ EXAMPLES = {
     "serve": "specreason serve --port 8000 --api-key \"$KEY\"",
     "bench": "specreason bench decode --branches 1 4 --contexts 64 --json",
     "bench logits": "specreason bench logits --tokens 512 --json",
-    "bench decode": "specreason bench decode --branches 1 4 --contexts 64 --json",
+    "bench decode": "specreason bench decode --branches 1 4 --contexts 64 --threads 2 --json",
+    "bench prefill": "specreason bench prefill --threads 2 --json",
+    "bench generate": "specreason bench generate --threads 2 --json",
+    "bench quality": "specreason bench quality --bundle smollm2-int4 --reference smollm2-fp32 --json",
 }
 
 DESCRIPTION = """\
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_commands(sub)  # info, generate
     reason.add_commands(sub)  # run, eval
     serve.add_commands(sub)  # serve
-    bench.add_commands(sub)  # bench logits, bench decode
+    add_bench_commands(sub)  # bench logits / decode / prefill / generate / quality (specreason_rt/bench.py)
     apply_conventions(p, examples=EXAMPLES)
     return p
 
