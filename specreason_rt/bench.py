@@ -333,7 +333,7 @@ def _fair_arguments(p: argparse.ArgumentParser, *, windows: int) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON result (raw per-window data included)")
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """`specreason bench logits|decode|prefill|generate|quality` (registered by the CLI)."""
     bench = sub.add_parser("bench", help="benchmarks with JSON output (fair: all systems loaded, equal threads, "
                                          "interleaved windows)")

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .engine import OrtEngine
 from .kv_cache import KVCache
 from .manifest import load_manifest
 from .model import RoleModel
@@ -69,7 +70,8 @@ class OursWorker:
         # threads > 0 always here: the harness gives every system the same explicit count.
         self.model = RoleModel(bundle_dir=bundle, entry=self.entry, intra_op_threads=threads)
         engine = self.model.engine
-        applied = engine.session.get_session_options().intra_op_num_threads  # type: ignore[union-attr]
+        assert isinstance(engine, OrtEngine)  # RoleModel without TensorRT engine facts builds an OrtEngine
+        applied = engine.session.get_session_options().intra_op_num_threads
         self.hello = {"ready": True, "system": "specreason-rt", "version": version("specreason-rt"),
                       "precision": self.entry.precision, "threads": applied,
                       "vocab_size": self.entry.architecture.vocab_size}
