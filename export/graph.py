@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .families import SUPPORTED_FAMILIES, Family, family_of, layer_windows
+from .hf_compat import embedding_scale, rope_modules, rope_state, submodule
 
 __all__ = ["ATTENTION_VARIANTS", "SUPPORTED_FAMILIES", "BranchDecoder", "Disabled"]
 
@@ -105,19 +106,11 @@ class _RopeTable:
         return 2 * int(self.inv_freq.shape[0])
 
 
-def _rope_table(rotary: nn.Module) -> _RopeTable:
-    if "longrope" in str(getattr(rotary, "rope_type", "")):
-        # transformers switches to the long factors per forward (dynamic_rope_update), when max(position) + 1
-        # exceeds original_max_position_embeddings; the graph does the same per branch (parity with generate).
-        cfg = rotary.config
-        original = int(getattr(cfg, "original_max_position_embeddings", None)
-                       or rotary.original_max_seq_len)
-        long_inv, _ = rotary.rope_init_fn(cfg, None, seq_len=original + 1)
-        return _RopeTable(inv_freq=rotary.original_inv_freq.detach().clone().float(),
-                          scale=float(rotary.attention_scaling), long_inv_freq=long_inv.detach().clone().float(),
-                          original_max=original)
-    # inv_freq and attention_scaling already include static rope scaling (linear, llama3, yarn) of the source.
-    return _RopeTable(inv_freq=rotary.inv_freq.detach().clone().float(), scale=float(rotary.attention_scaling))
+def _rope_table(rotary: nn.Module, layer_type: str | None = None) -> _RopeTable:
+    # longrope: transformers switches to the long factors per forward (dynamic_rope_update), when max(position) + 1
+    # exceeds original_max_position_embeddings; the graph does the same per branch (parity with generate).
+    inv_freq, scale, long_inv_freq, original = rope_state(rotary, layer_type)
+    return _RopeTable(inv_freq=inv_freq, scale=scale, long_inv_freq=long_inv_freq, original_max=original)
 
 
 class BranchDecoder(nn.Module):
@@ -142,13 +135,17 @@ class BranchDecoder(nn.Module):
         self.embed = getattr(base, paths["embed"])
         self.layers = getattr(base, paths["layers"])
         self.norm = getattr(base, paths["final_norm"])
-        self.lm_head = getattr(hf_model, paths["lm_head"])
+        self.lm_head = submodule(hf_model, paths["lm_head"])
         self.value_head = value_head  # maps [..., hidden] -> [...] in [0, 1]
         self.mlps = nn.ModuleList([family.mlp(layer) for layer in self.layers])
 
         # Family data resolved against this config.
         self.block = "parallel" if family.is_parallel(cfg) else family.block
-        self.embed_scale = 1.0 if off.embed_scale else float(family.embed_scale(cfg))
+        # A scaled embedding module (gemma3; gemma2 in transformers 5.x) multiplies by itself: the graph looks up
+        # its plain rows and applies that factor, so the factor is one datum (and can be left out in tests).
+        self.scaled_embedding = embedding_scale(self.embed)
+        scale = self.scaled_embedding if self.scaled_embedding is not None else family.embed_scale(cfg)
+        self.embed_scale = 1.0 if off.embed_scale else float(scale)
         self.residual_scale = float(family.residual_scale(cfg))
         self.logit_divisor = float(family.logit_divisor(cfg))
         self.qk_norm = None if off.qk_norm else family.qk_norm_in(cfg)
@@ -162,9 +159,7 @@ class BranchDecoder(nn.Module):
         # Rope tables and which one each layer uses (None: the layer has no rope).
         # The rope module lives on the decoder body; stablelm keeps one per attention module (all equal).
         rotary = getattr(base, "rotary_emb", None) or getattr(self.layers[0], paths["attn"]).rotary_emb
-        self.tables = [_rope_table(rotary)]
-        if family.local_rope:
-            self.tables.append(_rope_table(getattr(base, family.local_rope)))
+        self.tables = [_rope_table(m, t) for m, t in rope_modules(rotary=rotary, base=base, local=family.local_rope)]
         self.layer_rope: list[int | None] = []
         no_rope = getattr(cfg, family.no_rope_field, None) if family.no_rope_field else None
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers)
@@ -198,7 +193,10 @@ class BranchDecoder(nn.Module):
     # --- pieces shared by both variants ---------------------------------------------------------------------
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)  # [branches, new, hidden]
+        if self.scaled_embedding is not None:
+            h = nn.functional.embedding(input_ids, self.embed.weight)  # [branches, new, hidden], unscaled rows
+        else:
+            h = self.embed(input_ids)  # [branches, new, hidden]
         return h * self.embed_scale if self.embed_scale != 1.0 else h
 
     def _logits(self, h: torch.Tensor, logits_index: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from specreason_export.errors import ExportError  # noqa: E402
 from specreason_export.families import check_config  # noqa: E402
 from specreason_export.graph import Disabled  # noqa: E402
+from specreason_export.hf_compat import no_init_weights  # noqa: E402
 from specreason_export.onnx_export import export_onnx  # noqa: E402
 from specreason_export.validate import reference_continuations, validate  # noqa: E402
 
@@ -84,7 +85,7 @@ def tiny_model(family: str, *, seed: int = 0, **overrides: Any) -> Any:
     cfg = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
     # Our own init (transformers' stablelm init fails on its bias-free per-head norms): normal weights, norms and
     # biases random around their neutral values so that reusing the wrong norm module shows.
-    with transformers.modeling_utils.no_init_weights():
+    with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
