@@ -28,6 +28,7 @@ from specreason_rt.manifest import (
 )
 
 from .errors import ExportError
+from .families import architecture_facts
 from .graph import ATTENTION_VARIANTS
 from .onnx_export import EXTERNAL_DATA_BYTES, GQA_HEAD_DIM_MULTIPLE, KV_NAMES, export_onnx
 from .progress import Progress
@@ -131,10 +132,12 @@ def _architecture(model: Any) -> Architecture:
     cfg = model.config
     return Architecture(
         family=cfg.model_type, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
-        heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+        heads=cfg.num_attention_heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,  # gpt_neox has no field
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         vocab_size=cfg.vocab_size, max_context=cfg.max_position_embeddings,
         parameters=sum(p.numel() for p in model.parameters()),
+        **architecture_facts(cfg),  # per-layer windows and the math features the graph implements
     )
 
 
@@ -223,8 +226,11 @@ def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, prog
         raise ExportError(
             f"{role} failed validation: max |logit diff| {report['max_abs_logit_diff']:.3g}{value_note} "
             f"(limit {tol['max_abs_logit_diff']}), greedy agreement {report['greedy_agreement']:.1%} "
-            f"(minimum {tol['min_greedy_agreement']:.0%}); no bundle written. Try a higher precision, or "
-            "loosen --max-logit-diff / --min-agreement if the difference is expected")
+            f"(minimum {tol['min_greedy_agreement']:.0%}); no bundle written. "
+            + ("At fp32 this means the export is wrong for this model (a bug: please report it with the source); "
+               "loosening the limits would publish a wrong bundle" if opts.precision == "fp32" else
+               "Try a higher precision, or loosen --max-logit-diff / --min-agreement if the quantization loss "
+               "is expected"))
     src.tokenizer.save_pretrained(str(role_dir))
     return ModelEntry(
         role=role, file=f"{role}/model.onnx", precision=opts.precision, architecture=arch, io=io,

@@ -153,6 +153,9 @@ class ModelEntry:
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["generation"]["eos_ids"] = list(self.generation.eos_ids)
+        for key in ("attention_windows", "features"):  # optional facts: absent rather than null when not recorded
+            if out["architecture"][key] is None:
+                del out["architecture"][key]
         return out
 
     @staticmethod

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from specreason_rt.cli import build_parser
-from specreason_rt.cli_serve import _defaults
+from specreason_rt.cli.serve import _defaults
 from specreason_rt.config import make_config
 from specreason_rt.errors import ConfigError
 from specreason_rt.pool import ReasonerPool
