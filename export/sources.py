@@ -28,7 +28,6 @@ from urllib.parse import urlparse
 from specreason_rt.manifest import sha256_file
 
 from .errors import ExportError
-from .families import SUPPORTED_FAMILIES, check_config, family_of
 from .progress import Progress
 
 
@@ -65,7 +64,11 @@ class SourceRef:
 
 def _check_family(model_type: str | None, architectures: Any, where: str, config: Any = None) -> None:
     """Refuse an unsupported family, and with `config` any field or value its decoder does not implement
-    (export/families.py, torch-free), in one line naming it."""
+    (export/families.py), in one line naming it."""
+    # Imported here: the family table reads transformers' modules (torch), and the source checks that run
+    # before torch is imported (preflight) must stay fast.
+    from .families import SUPPORTED_FAMILIES, check_config, family_of
+
     if family_of(model_type) is None:
         arch = ", ".join(architectures or []) or "unknown class"
         raise ExportError(f"{where}: unsupported architecture {model_type!r} ({arch}); "

@@ -110,7 +110,7 @@ def test_moe_family_exports_and_validates(family: str, tmp_path: Path) -> None:
     from .test_families import export_and_validate, prompts
 
     model = sharp_moe_model(family)
-    check_config(model.config, family)
+    check_config(config=model.config, where=family)
     features = family_of(family).features(model.config)
     assert "moe" in features and ("attention_sinks" in features) == (family == "gpt_oss")
     for attention in ("plain", "gqa"):

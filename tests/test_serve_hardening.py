@@ -182,10 +182,11 @@ def test_shutdown_under_load_answers_503_with_retry_after(builtin_bundle: Path) 
     pool = ReasonerPool(builtin_bundle, workers=1, queue_size=64)
     srv = ServerThread(create_app(pool=pool), graceful_s=0.5).start()
     body = {"model": "specreason", "strategy": "majority", "n_specs": 8, "max_tokens": 512}
-    with ThreadPoolExecutor(12) as ex:
+    n = 48  # enough queued runs that the 0.5 s grace cannot finish them all, even for the fast built-in pair
+    with ThreadPoolExecutor(n) as ex:
         futures = [ex.submit(httpx.post, f"{srv.url}/v1/completions", json={**body, "prompt": f"{i}+{i}*3-7"},
-                             timeout=60) for i in range(12)]
-        while pool.queue_depth + pool.running < 12:  # every request is in (a connection not yet read is closed)
+                             timeout=60) for i in range(n)]
+        while pool.queue_depth + pool.running < n:  # every request is in (a connection not yet read is closed)
             time.sleep(0.005)
         srv.stop()
         responses = [f.result() for f in futures]

@@ -436,7 +436,7 @@ def test_the_pinned_support_matrix_names_its_source() -> None:
 
 def fp16_copy(bundle: Path, role: str, dst: Path, **kwargs: int) -> Path:
     entry = load_manifest(bundle).models[role]
-    to_fp16_onnx(bundle / role / "model.onnx", dst, kv_names=kv_cache_io(entry.kv_cache, entry.architecture.layers),
+    to_fp16_onnx(bundle / entry.file, dst, kv_names=kv_cache_io(entry.kv_cache, entry.architecture.layers),
                  **kwargs)
     return dst
 
