@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _trt_options(args: argparse.Namespace) -> TrtOptions | None:
     """The engine build options, or None without --trt / --engines-only; ExportError on bad values."""
+    from specreason_rt.backends.trt.plan import EngineLimits
     from specreason_rt.errors import ConfigError
-    from specreason_rt.trt_plan import EngineLimits
 
     from .trt import TrtOptions
 

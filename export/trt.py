@@ -2,7 +2,7 @@
 
 One engine per model, built from the bundle's plain-attention ONNX (the GroupQueryAttention variant is an ONNX
 Runtime contrib op the TensorRT parser does not know), with one optimization profile per shape regime —
-decode, verify, prefill; each for branches 1..max_branches (specreason_rt/trt_plan.py) — and a timing cache
+decode, verify, prefill; each for branches 1..max_branches (specreason_rt/backends/trt/plan.py) — and a timing cache
 shared by both builds and kept in the bundle. Precision:
 
   fp32  the ONNX as it is, with TF32 off (the builder enables it by default; it rounds matmul inputs to 10-bit
@@ -32,8 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from specreason_rt.backends.trt.plan import EngineLimits, plan_profiles
 from specreason_rt.manifest import MANIFEST_NAME, EngineFacts, Manifest, ModelEntry, load_manifest, sha256_file
-from specreason_rt.trt_plan import EngineLimits, plan_profiles
 
 from .errors import ExportError
 from .progress import Progress
@@ -73,8 +73,8 @@ def require_tensorrt() -> tuple[Any, Any]:
         import tensorrt
     except ImportError as e:
         raise ExportError(TRT_MISSING) from e
+    from specreason_rt.backends.trt.engine import import_cudart
     from specreason_rt.errors import ConfigError
-    from specreason_rt.trt_engine import import_cudart
 
     try:
         return tensorrt, import_cudart()
@@ -390,7 +390,7 @@ def build_engines(*, bundle_dir: Path, entries: dict[str, ModelEntry], options: 
     """Build an engine for every role into bundle_dir (the export's temporary directory, or a bundle for
     --engines-only); return the facts for the manifest."""
     trt, cudart = require_tensorrt()
-    from specreason_rt.trt_engine import CudaMemory, device_facts
+    from specreason_rt.backends.trt.engine import CudaMemory, device_facts
 
     CudaMemory(cudart=cudart, stream=0).check(cudart.cudaSetDevice(options.device_id))
     capability, device = device_facts(cudart=cudart, device_id=options.device_id)

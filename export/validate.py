@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from specreason_rt.engine import OrtEngine
+from specreason_rt.backends.ort import OrtEngine
 from specreason_rt.kv_cache import KVCache
 
 from .errors import ExportError

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends.ort import OrtEngine
 from .bench_harness import (
     OURS,
     PEER_SCRIPTS,
@@ -39,7 +40,6 @@ from .bench_harness import (
     start_workers,
 )
 from .bench_quality import perplexity, quality_inputs, record_quality, summarise_quality
-from .engine import OrtEngine
 from .errors import ConfigError
 from .kv_cache import KVCache
 from .manifest import load_manifest

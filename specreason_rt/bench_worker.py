@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import OrtEngine
+from .backends.ort import OrtEngine
 from .kv_cache import KVCache
 from .manifest import load_manifest
 from .model import RoleModel

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .backends.providers import ProviderConfig, ProviderSpec
 from .bundle_files import Integrity, confined
 from .errors import BundleError
 from .manifest import ROLES, Manifest, load_manifest
 from .model import RoleModel
-from .providers import ProviderConfig, ProviderSpec
 from .tokenizer import Tokenizer
 
 

@@ -24,7 +24,7 @@ Several roles may name the same file (one graph stored once when both roles come
     models                   {"speculator": ModelEntry, "verifier": ModelEntry}
     engines                  optional (absent in bundles without TensorRT engines): {role: EngineFacts}
 
-EngineFacts (written by `specreason-export --trt`, see export/trt.py; terms in specreason_rt/trt_plan.py):
+EngineFacts (written by `specreason-export --trt`, see export/trt.py; terms in specreason_rt/backends/trt/plan.py):
 
     file                     relative path of the serialized TensorRT engine (e.g. speculator/model.engine)
     onnx                     the bundle ONNX it was built from (always the plain-attention graph)

@@ -17,13 +17,13 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from .engine import OrtEngine
-from .engine_api import Engine
+from .backends.base import Engine
+from .backends.ort import OrtEngine
+from .backends.providers import ProviderConfig, ProviderSpec
+from .backends.trt.engine import TrtEngine
 from .errors import BundleError, ConfigError
 from .kv_cache import KVCache
 from .manifest import EngineFacts, ModelEntry
-from .providers import ProviderConfig, ProviderSpec
-from .trt_engine import TrtEngine
 
 # intra_op_threads=0 ("auto") gives models below this size one thread: their ops are too small to split, and
 # on the built-in pair (0.1M / 0.8M parameters) one thread ran a stepwise eval 1.6x faster than two.
@@ -66,7 +66,7 @@ class RoleModel:
         self.generation = entry.generation
         self.engine: Engine
         if isinstance(providers, ProviderConfig) and providers.native_trt:
-            # The native TensorRT backend: the bundle's prebuilt engine, KV cache on the GPU (providers.py).
+            # The native TensorRT backend: the bundle's prebuilt engine, KV cache on the GPU (backends/providers.py).
             self.engine = TrtEngine.from_bundle(bundle_dir=bundle_dir, entry=entry, facts=engine_facts,
                                                 device_id=providers.device_id)
         else:

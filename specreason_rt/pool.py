@@ -42,11 +42,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
+from .backends.providers import ProviderConfig, ProviderSpec
 from .cancel import Cancelled, CancelToken, RunTimeout
 from .config import ReasonConfig
 from .errors import ConfigError, SpecReasonError
 from .prompt import Prompt
-from .providers import ProviderConfig, ProviderSpec
 from .reasoner import Reasoner, default_kv_limit_bytes
 from .strategies.batched import StepwiseBatch, batch_key
 from .strategies.common import Run

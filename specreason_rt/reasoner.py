@@ -20,12 +20,12 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .backends.providers import ProviderConfig, ProviderSpec
 from .bundle import Bundle
 from .cancel import CancelToken
 from .config import ReasonConfig
 from .errors import ConfigError, SpecReasonError
 from .prompt import Prompt
-from .providers import ProviderConfig, ProviderSpec
 from .strategies import STRATEGY_FUNCTIONS, Run
 from .trace import RunResult, StepTrace, TokenDelta
 
@@ -62,7 +62,7 @@ class Reasoner:
         if kv_limit_bytes is not None and (not isinstance(kv_limit_bytes, int) or kv_limit_bytes < 1):
             raise ConfigError(f"kv_limit_bytes must be a positive integer, got {kv_limit_bytes!r}")
         limit = kv_limit_bytes if kv_limit_bytes is not None else default_kv_limit_bytes()
-        # The two models take turns, so idle ONNX Runtime threads must not spin (see engine.py).
+        # The two models take turns, so idle ONNX Runtime threads must not spin (see backends/ort.py).
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(
             bundle, providers=providers, intra_op_threads=intra_op_threads, kv_limit_bytes=limit, spin=False)
         self._busy = threading.Lock()

@@ -232,7 +232,7 @@ def test_multi_token_extend_past_the_window(family: str, attention: str, tmp_pat
     import numpy as np
 
     from specreason_export.onnx_export import KV_NAMES
-    from specreason_rt.engine import OrtEngine
+    from specreason_rt.backends.ort import OrtEngine
     from specreason_rt.kv_cache import KVCache
 
     model = tiny_model(family)

@@ -9,11 +9,8 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from specreason_rt.engine import OrtEngine
-from specreason_rt.errors import ConfigError
-from specreason_rt.manifest import load_manifest
-from specreason_rt.providers import (
-    PROVIDERS,
+from specreason_rt.backends.ort import OrtEngine
+from specreason_rt.backends.providers import (
     ProviderConfig,
     check_session_providers,
     cuda_ep_options,
@@ -21,17 +18,11 @@ from specreason_rt.providers import (
     tensorrt_ep_options,
     unavailable_message,
 )
-from specreason_rt.trt_plan import EngineLimits
+from specreason_rt.backends.trt.plan import EngineLimits
+from specreason_rt.errors import ConfigError
+from specreason_rt.manifest import load_manifest
 
 LIMITS = EngineLimits(max_branches=4, max_prompt_tokens=32, max_step_tokens=8, max_context=64)
-
-
-def test_the_old_import_path_still_works() -> None:
-    from specreason_rt.engine import PROVIDERS as OLD
-    from specreason_rt.engine import resolve_providers as old
-
-    assert old is resolve_providers and OLD is PROVIDERS
-    assert old("cpu") == ["CPUExecutionProvider"]
 
 
 def test_unknown_and_unavailable_providers_are_refused() -> None:

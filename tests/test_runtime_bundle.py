@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specreason_rt.engine import OrtEngine
+from specreason_rt.backends.ort import OrtEngine
 from specreason_rt.errors import BundleError, CacheLimitError
 from specreason_rt.kv_cache import KVCache
 from specreason_rt.manifest import load_manifest

@@ -15,12 +15,9 @@ from onnx import TensorProto, helper
 
 from specreason_export.trt import fp32_tensors, kv_cache_io, onnx_op_problems, rotary_nodes, to_fp16_onnx
 from specreason_export.trt_onnx_support import ONNX_TYPE_NAMES, SOURCE, SUPPORTED
-from specreason_rt.engine import OrtEngine
-from specreason_rt.errors import BundleError, CacheLimitError, ConfigError
-from specreason_rt.kv_cache import KVCache
-from specreason_rt.manifest import load_manifest, sha256_file
-from specreason_rt.trt_kv import BlockPool, DeviceKVCache, DeviceMemory
-from specreason_rt.trt_plan import (
+from specreason_rt.backends.ort import OrtEngine
+from specreason_rt.backends.trt.kv import BlockPool, DeviceKVCache, DeviceMemory
+from specreason_rt.backends.trt.plan import (
     REGIMES,
     Copy3D,
     EngineLimits,
@@ -31,6 +28,9 @@ from specreason_rt.trt_plan import (
     step_dims,
     step_mask_positions,
 )
+from specreason_rt.errors import BundleError, CacheLimitError, ConfigError
+from specreason_rt.kv_cache import KVCache
+from specreason_rt.manifest import load_manifest, sha256_file
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 LIMITS = EngineLimits(max_branches=8, max_prompt_tokens=64, max_step_tokens=16, max_context=128)
@@ -555,8 +555,8 @@ def test_export_trt_without_tensorrt_says_what_to_install(tmp_path: Path, capsys
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed: the missing-package message cannot show")
 def test_runtime_trt_backend_without_tensorrt_says_what_to_install(tiny_plain_bundle: Path) -> None:
+    from specreason_rt.backends.providers import ProviderConfig
     from specreason_rt.bundle import Bundle
-    from specreason_rt.providers import ProviderConfig
 
     with pytest.raises(ConfigError, match=r"tensorrt Python package.*pip install 'specreason-rt\[trt-cu12\]'"):
         Bundle(tiny_plain_bundle, roles=["verifier"], providers=ProviderConfig(name="trt"))
@@ -588,7 +588,7 @@ def test_trt_export_forces_plain_attention_and_refuses_gqa() -> None:
 
 
 def test_the_spanning_profile_holds_every_regime(tiny_plain_bundle: Path) -> None:
-    from specreason_rt.trt_plan import spanning_profile
+    from specreason_rt.backends.trt.plan import spanning_profile
 
     inputs = plain_inputs(tiny_plain_bundle)
     profiles = plan_profiles(limits=LIMITS, inputs=inputs, min_past=0)
@@ -605,7 +605,7 @@ def test_each_thread_that_touches_cuda_sets_the_engine_device() -> None:
     sets the engine's device once in every thread, and again after another engine's guard switched it."""
     import threading
 
-    from specreason_rt.trt_engine import DeviceGuard
+    from specreason_rt.backends.trt.engine import DeviceGuard
 
     calls: list[tuple[str, int]] = []
 
@@ -635,7 +635,7 @@ def test_each_thread_that_touches_cuda_sets_the_engine_device() -> None:
 def test_engine_scratch_buffers_are_freed_on_close() -> None:
     """TrtEngine.close frees its scratch buffers (the logits one is ~0.6 GB for a 152k vocabulary at 8 branches x
     128 positions) and its pool; here the buffer classes it closes, on the fake device memory."""
-    from specreason_rt.trt_engine import _Scratch
+    from specreason_rt.backends.trt.engine import _Scratch
 
     memory = NumpyMemory()
     pool = BlockPool(memory)
@@ -654,8 +654,8 @@ def test_engine_scratch_buffers_are_freed_on_close() -> None:
 def test_both_backends_meet_the_engine_interface(tiny_plain_bundle: Path) -> None:
     import inspect
 
-    from specreason_rt.engine_api import Engine
-    from specreason_rt.trt_engine import TrtEngine
+    from specreason_rt.backends.base import Engine
+    from specreason_rt.backends.trt.engine import TrtEngine
 
     entry = load_manifest(tiny_plain_bundle).models["verifier"]
     ort_engine = OrtEngine.from_bundle(bundle_dir=tiny_plain_bundle, entry=entry)
@@ -665,7 +665,8 @@ def test_both_backends_meet_the_engine_interface(tiny_plain_bundle: Path) -> Non
     ort_engine.close()
     members = [m for m in dir(Engine) if not m.startswith("_")]
     assert set(members) >= {"new_cache", "step", "step_with_values", "close"}
-    for name in ("new_cache", "step", "step_with_values", "close"):
+    assert issubclass(TrtEngine, Engine) and issubclass(OrtEngine, Engine)
+    for name in ("new_cache", "_step", "step", "step_with_values", "close"):
         expected = inspect.signature(getattr(Engine, name)).parameters.keys()
         assert inspect.signature(getattr(TrtEngine, name)).parameters.keys() == expected, name
     init = inspect.getsource(TrtEngine.__init__)

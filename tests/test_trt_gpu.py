@@ -17,7 +17,7 @@ def _gpu_reason() -> str | None:
         return "tensorrt is not installed (pip install 'specreason-rt[trt-cu12]')"
     if importlib.util.find_spec("cuda") is None:
         return "cuda-python is not installed (pip install 'specreason-rt[trt-cu12]')"
-    from specreason_rt.trt_engine import import_cudart
+    from specreason_rt.backends.trt.engine import import_cudart
 
     cudart = import_cudart()
     err, count = cudart.cudaGetDeviceCount()
@@ -34,7 +34,7 @@ skip_without_gpu = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 def trt_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
     from specreason_export.bundle import ExportOptions, write_bundle
     from specreason_export.trt import TrtOptions
-    from specreason_rt.trt_plan import EngineLimits
+    from specreason_rt.backends.trt.plan import EngineLimits
 
     out = tmp_path_factory.mktemp("trt") / "tiny-trt"
     limits = EngineLimits(max_branches=8, max_prompt_tokens=64, max_step_tokens=16, max_context=128)
@@ -54,8 +54,8 @@ def test_engines_are_recorded_and_load(trt_bundle: Path) -> None:
 
 @skip_without_gpu
 def test_native_trt_matches_ort_cpu_on_a_ragged_batch(trt_bundle: Path) -> None:
+    from specreason_rt.backends.providers import ProviderConfig
     from specreason_rt.bundle import Bundle
-    from specreason_rt.providers import ProviderConfig
 
     cpu = Bundle(trt_bundle, roles=["verifier"]).models["verifier"]
     gpu = Bundle(trt_bundle, roles=["verifier"], providers=ProviderConfig(name="trt")).models["verifier"]
@@ -79,9 +79,9 @@ def test_native_trt_matches_ort_cpu_on_a_ragged_batch(trt_bundle: Path) -> None:
 def test_concat_and_close_on_the_device(trt_bundle: Path) -> None:
     """A request joining a running batch (concat) gives the same logits as on CPU; close() frees the engine and
     a later step is refused."""
+    from specreason_rt.backends.providers import ProviderConfig
     from specreason_rt.bundle import Bundle
     from specreason_rt.errors import ConfigError
-    from specreason_rt.providers import ProviderConfig
 
     cpu = Bundle(trt_bundle, roles=["verifier"]).models["verifier"]
     gpu = Bundle(trt_bundle, roles=["verifier"], providers=ProviderConfig(name="trt")).models["verifier"]

@@ -24,7 +24,7 @@ from ..errors import SpecReasonError
 from .parser import subcommands
 
 if TYPE_CHECKING:
-    from ..providers import ProviderConfig
+    from ..backends.providers import ProviderConfig
 
 PROG = "specreason"
 BUNDLE_ENV = "SPECREASON_BUNDLE"
@@ -89,8 +89,8 @@ def add_bundle_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_provider_arguments(p: argparse.ArgumentParser) -> None:
-    """--provider and its options (specreason_rt/providers.py), for every command that runs a bundle."""
-    from ..providers import PROVIDER_NAMES
+    """--provider and its options (specreason_rt/backends/providers.py), for every command that runs a bundle."""
+    from ..backends.providers import PROVIDER_NAMES
 
     p.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES,
                    help="where the models run: cpu (default), cuda / tensorrt (ONNX Runtime execution providers, "
@@ -103,7 +103,7 @@ def add_provider_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def provider_config(args: argparse.Namespace) -> ProviderConfig:
-    from ..providers import ProviderConfig
+    from ..backends.providers import ProviderConfig
 
     return ProviderConfig(name=args.provider, device_id=args.device_id, fp16=args.fp16, cache_dir=args.trt_cache)
 

@@ -52,7 +52,7 @@ def describe_windows(windows: list[int | None]) -> str:
 
 def backends(manifest: Manifest) -> dict[str, tuple[bool, str]]:
     """Which --provider values can run this bundle ({name: (can run, why / what it needs)}), and whether this
-    machine has what each one needs. The rules are those of providers.py and trt_engine.py."""
+    machine has what each one needs. The rules are those of backends/providers.py and backends/trt/engine.py."""
     import importlib.util
 
     import onnxruntime as ort

@@ -1,7 +1,7 @@
 """Pure logic of the TensorRT backend: engine limits, optimization profiles, the portability check and the
 device KV cache's copy plans. No tensorrt, no CUDA: everything here runs (and is tested) on numpy.
 
-Terms (used by export/trt.py, trt_engine.py, providers.py and the manifest's `engines` section):
+Terms (used by export/trt.py, backends/trt/engine.py, backends/providers.py and the manifest's `engines` section):
 
   regime    one of the three shape regimes the runtime drives a model in:
               decode   one new token per branch                     (new_tokens = 1)
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError, ConfigError
+from ...errors import BundleError, ConfigError
 
 REGIMES = ("decode", "verify", "prefill")
 

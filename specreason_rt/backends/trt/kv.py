@@ -4,14 +4,14 @@ Same terms and invariants as kv_cache.py: each branch's tokens sit left-aligned 
 a branch's length are holes (masked out), `fork` / `gather` / `concat` / `rewind` / `reserve` mean the same.
 What differs:
 
-  * the buffers are one device allocation laid out as trt_plan.Layout says: 2 * layers slices of
+  * the buffers are one device allocation laid out as trt.plan.Layout says: 2 * layers slices of
     [branches, kv_heads, capacity, head_dim], each starting on a 256-byte boundary; `key_address(layer)` /
     `value_address(layer)` are what the engine binds as past_key.{i} / past_value.{i};
   * every operation is a handful of device-to-device 3D copies planned by trt_plan (append: one per branch,
     grow: one, gather: one per kept branch, concat: two); nothing crosses to the host;
   * there are no host arrays: `keys` / `values` are empty and `step_inputs` refuses.
 
-Memory is anything with the four operations of `DeviceMemory` (trt_engine.CudaMemory on a GPU), normally
+Memory is anything with the four operations of `DeviceMemory` (trt.engine.CudaMemory on a GPU), normally
 behind a `BlockPool`: the cache reallocates on every grow / gather / concat, and a cudaFree synchronises the
 whole device, so freed blocks are kept and handed out again instead.
 """
@@ -22,9 +22,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import CacheLimitError, ConfigError
-from .kv_cache import KVCache
-from .trt_plan import Copy3D, Layout, append_copies, concat_copies, gather_copies, grow_copies
+from ...errors import CacheLimitError, ConfigError
+from ...kv_cache import KVCache
+from .plan import Copy3D, Layout, append_copies, concat_copies, gather_copies, grow_copies
 
 
 class DeviceMemory(Protocol):

@@ -16,15 +16,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import BundleError, ConfigError
-from .kv_cache import KVCache
-from .manifest import ModelEntry
-from .providers import PROVIDERS, ProviderSpec, check_session_providers, resolve_providers
+from ..errors import BundleError, ConfigError
+from ..kv_cache import KVCache
+from ..manifest import ModelEntry
+from .base import Engine
+from .providers import ProviderSpec, check_session_providers
 
-__all__ = ["PROVIDERS", "OrtEngine", "resolve_providers"]  # the provider names moved to providers.py
 
-
-class OrtEngine:
+class OrtEngine(Engine):
     """Runs forwards of one bundle model. The manifest, not the graph, names every tensor."""
 
     def __init__(self, *, model_path: str | Path, layers: int, kv_names: dict[str, str], attention: str,
@@ -80,7 +79,7 @@ class OrtEngine:
         return engine
 
     def new_cache(self, *, branches: int, capacity: int, max_bytes: int | None) -> KVCache:
-        """A host KV cache for this model (engine_api.Engine); needs the facts from_bundle read."""
+        """A host KV cache for this model (backends.base.Engine); needs the facts from_bundle read."""
         if self.cache_shape is None:
             raise ConfigError("this engine was built from a bare model path: create KVCache yourself")
         kv_heads, head_dim, max_context = self.cache_shape
@@ -88,30 +87,9 @@ class OrtEngine:
                        max_context=max_context, capacity=capacity, max_bytes=max_bytes)
 
     def close(self) -> None:
-        """Drop the session and the bindings (engine_api.Engine); ONNX Runtime frees them with the objects."""
+        """Drop the session and the bindings (backends.base.Engine); ONNX Runtime frees them with the objects."""
         self._binding, self._bound_arrays, self._inputs, self._logits_out = None, [], {}, None
         self.session = None
-
-    def step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
-             ) -> np.ndarray:
-        """Append the first n_new[b] tokens of input_ids[b] to branch b; return logits [branches, k, vocab].
-
-        input_ids: [branches, new] right-padded; n_new: [branches] (0 leaves a branch unchanged);
-        logits_index: [branches, k] positions (< new) whose logits are wanted.
-        """
-        return self._step(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
-                          want_value=False)[0]
-
-    def step_with_values(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray,
-                         logits_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`step`, also returning the value head's output [branches, k] at the same positions."""
-        if not self.has_value:
-            raise ConfigError("this model's graph has no value head (output `value`); export the verifier with a "
-                              "value head: specreason-export --value-head FILE")
-        logits, value = self._step(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
-                                   want_value=True)
-        assert value is not None
-        return logits, value
 
     def _step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray,
               want_value: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -1,6 +1,6 @@
 """The native TensorRT backend: a bundle's prebuilt engine driven through the TensorRT Python API.
 
-Same interface as engine.OrtEngine (`step(*, cache, input_ids, n_new, logits_index) -> logits [branches, k,
+Same interface as ort.OrtEngine (`step(*, cache, input_ids, n_new, logits_index) -> logits [branches, k,
 vocab]`, `ort_seconds`), written to the TensorRT 10.x API (10.3 is JetPack 6.2's) and the parts of it TensorRT 11
 keeps: `deserialize_cuda_engine`, `set_optimization_profile_async`, `set_input_shape`, `set_tensor_address`,
 `execute_async_v3`. Device memory and copies go through cuda-python's runtime bindings (`cuda.bindings.runtime`,
@@ -13,10 +13,10 @@ One step:
   2. the device KV cache's buffers are bound as past_key/past_value as they are ([branches, kv_heads, capacity,
      head_dim]; holes masked out): no cache copy;
   3. the graph writes the new tokens' keys/values into a staging buffer; one 3D device copy per growing branch
-     appends them in place (trt_kv.DeviceKVCache.append_from);
+     appends them in place (trt.kv.DeviceKVCache.append_from);
   4. only the logits rows asked for in logits_index are copied to the host (pinned), then out to the caller.
 The profile (decode / verify / prefill) is chosen per call from the shapes; switching costs one async call.
-Every bound address is 256-byte aligned (trt_plan.Layout) and every set_input_shape / set_tensor_address result
+Every bound address is 256-byte aligned (trt.plan.Layout) and every set_input_shape / set_tensor_address result
 is checked. Device memory comes from a BlockPool (no cudaMalloc / cudaFree, which synchronises the device, once
 a workload's shapes have been seen). The CUDA device is made current in every thread that touches it
 (DeviceGuard): the runtime API's current device is per thread, and pool or server workers are other threads.
@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError, ConfigError, SpecReasonError
-from .kv_cache import KVCache
-from .manifest import EngineFacts, ModelEntry
-from .trt_kv import BlockPool, DeviceKVCache
-from .trt_plan import (
+from ...errors import BundleError, ConfigError, SpecReasonError
+from ...kv_cache import KVCache
+from ...manifest import EngineFacts, ModelEntry
+from ..base import Engine
+from .kv import BlockPool, DeviceKVCache
+from .plan import (
     ALIGN,
     Copy3D,
     EngineLimits,
@@ -207,8 +208,11 @@ def device_facts(*, cudart: Any, device_id: int) -> tuple[str, str]:
     return f"{props.major}.{props.minor}", name.rstrip("\x00")
 
 
-class TrtEngine:
+class TrtEngine(Engine):
     """Runs one bundle model's TensorRT engine; the manifest names every tensor and records every profile."""
+
+    value_head_hint = ("export the verifier with a value head (specreason-export --value-head FILE) and rebuild "
+                       "the engines")
 
     def __init__(self, *, bundle_dir: str | Path, entry: ModelEntry, facts: EngineFacts, device_id: int = 0) -> None:
         trt, cudart = import_tensorrt(), import_cudart()
@@ -309,27 +313,6 @@ class TrtEngine:
             raise SpecReasonError(f"{name}: address {address:#x} is not {ALIGN}-byte aligned (a bug in the layout)")
         if not ctx.set_tensor_address(name, address):
             raise SpecReasonError(f"TensorRT refused the address of {name} of {self.facts.file}")
-
-    def step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray
-             ) -> np.ndarray:
-        """Append the first n_new[b] tokens of input_ids[b] to branch b; return logits [branches, k, vocab].
-
-        input_ids: [branches, new] right-padded; n_new: [branches] (0 leaves a branch unchanged);
-        logits_index: [branches, k] positions (< new) whose logits are wanted.
-        """
-        return self._step(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
-                          want_value=False)[0]
-
-    def step_with_values(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray,
-                         logits_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`step`, also returning the value head's output [branches, k] at the same positions."""
-        if not self.has_value:
-            raise ConfigError("this model's engine has no value head output (`value`); export the verifier with a "
-                              "value head (specreason-export --value-head FILE) and rebuild the engines")
-        logits, value = self._step(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
-                                   want_value=True)
-        assert value is not None
-        return logits, value
 
     def _step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray,
               want_value: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -6,9 +6,9 @@ Names (CLI `--provider`, Python `ProviderConfig(name=...)`):
   cuda       ONNX Runtime, CUDAExecutionProvider (onnxruntime-gpu), CPU fallback for unsupported nodes
   tensorrt   ONNX Runtime, TensorrtExecutionProvider (onnxruntime-gpu built with TensorRT): ONNX Runtime
              builds and caches the engines itself, with one optimization profile spanning every regime
-             (trt_plan.spanning_profile: the EP runs profile 0 only), fp16 on request; CUDA then CPU as
+             (trt.plan.spanning_profile: the EP runs profile 0 only), fp16 on request; CUDA then CPU as
              fallbacks for nodes TensorRT does not take. Needs a plain-attention bundle.
-  trt        the native TensorRT backend (trt_engine.py): the bundle's prebuilt engines (specreason-export
+  trt        the native TensorRT backend (backends/trt/engine.py): the bundle's prebuilt engines (specreason-export
              --trt), KV caches on the GPU, only logits cross to the host. Needs pip install 'specreason-rt[trt]'.
 
 With the ONNX Runtime providers the KV cache stays a host (numpy) cache: each call copies the cache to the
@@ -27,9 +27,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .manifest import ModelEntry
-from .trt_plan import EngineLimits, plan_profiles, spanning_profile
+from ..errors import ConfigError
+from ..manifest import ModelEntry
+from .trt.plan import EngineLimits, plan_profiles, spanning_profile
 
 # CLI names -> ONNX Runtime execution providers. Later entries in a list are fallbacks for unsupported ops.
 PROVIDERS = {
@@ -146,7 +146,7 @@ def tensorrt_ep_options(*, entry: ModelEntry, limits: EngineLimits, device_id: i
                         workspace_mib: int) -> dict[str, str]:
     """TensorrtExecutionProvider options for one bundle model: engine and timing caches, fp16, and one explicit
     profile spanning every regime for every dynamic input (past starts at 0: the host cache is empty before
-    prefill). One profile, because the EP's execution context stays on profile 0 (trt_plan.spanning_profile)."""
+    prefill). One profile, because the EP's execution context stays on profile 0 (trt.plan.spanning_profile)."""
     if entry.kv_cache.get("attention", "plain") != "plain":
         raise ConfigError(f"{entry.role}: the tensorrt provider needs a plain-attention bundle (GroupQueryAttention "
                           "is an ONNX Runtime contrib op TensorRT cannot parse); re-export with --attention plain "
