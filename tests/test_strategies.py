@@ -273,6 +273,27 @@ def test_token_deltas_add_up_to_each_step_alone_and_batched(reasoner: Reasoner, 
             assert max(len(s.text) for s in verifier_steps) > 1 and streamed
 
 
+@pytest.mark.parametrize("role", ["verifier", "speculator"])
+def test_one_model_alone_streams_tokens_and_steps_as_it_writes(reasoner: Reasoner, role: str) -> None:
+    """The single-model baselines stream too: each step's tokens, then that step, in order, adding up to the text."""
+    from specreason_rt.trace import StepTrace, TokenDelta
+
+    events: list[StepTrace | TokenDelta] = []
+    result = reasoner.run("94-26-59*3", cfg(role, seed=1), on_step=events.append, on_token=events.append)
+    steps = [e for e in events if isinstance(e, StepTrace)]
+    assert [(s.index, s.text, s.author) for s in steps] == [(s.index, s.text, s.author) for s in result.steps]
+    assert len(steps) >= 2  # several steps: the stream is not one chunk at the end
+    streamed, text = "", ""
+    for e in events:
+        if isinstance(e, TokenDelta):
+            assert e.author == role
+            streamed += e.text
+        else:
+            text += e.text
+            assert streamed == text  # a step is announced once all its tokens went out, never before
+    assert streamed == result.text
+
+
 def test_a_chat_and_raw_text_prompt(reasoner: Reasoner) -> None:
     from specreason_rt.prompt import Prompt
 

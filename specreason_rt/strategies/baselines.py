@@ -20,11 +20,9 @@ def run_single(run: Run, *, role: str) -> RunResult:
     start = time.perf_counter()
     ctx = run.context(role)
     phase = "speculate" if role == "speculator" else "fallback"
-    traj = sample_trajectories(run, ctx, role=role, trajs=[Trajectory()], max_steps=None, phase=phase)[0]
+    traj = sample_trajectories(run, ctx, role=role, trajs=[Trajectory()], max_steps=None, phase=phase,
+                               stream=True)[0]  # steps and tokens reach on_step / on_token as they are written
     steps = trajectory_steps(traj, author=role)
-    if run.on_step is not None:
-        for step in steps:
-            run.on_step(step)
     return run.result(strategy=role, traj=traj, steps=steps, seconds=time.perf_counter() - start)
 
 

@@ -127,25 +127,28 @@ class Run:
 
 
 class StepStream:
-    """One step's text for `run.on_token` as the verifier writes it (nothing is decoded when no one listens)."""
+    """One step's text for `run.on_token` as `role` writes it (nothing is decoded when no one listens).
 
-    def __init__(self, run: Run, *, index: int) -> None:
-        self.run, self.index = run, index
-        self.decoder = StreamDecoder(tokenizer=run.bundle.tokenizers["verifier"]) if run.on_token else None
+    The verifier's tokens stream as it writes them; a speculator streams only where its text is final as
+    written (the speculator-alone baseline), never a draft that the verifier may still reject."""
+
+    def __init__(self, run: Run, *, index: int, role: str = "verifier") -> None:
+        self.run, self.index, self.role = run, index, role
+        self.decoder = StreamDecoder(tokenizer=run.bundle.tokenizers[role]) if run.on_token else None
 
     def push(self, tokens: Sequence[int]) -> None:
         if self.decoder is None or self.run.on_token is None:
             return
         text = "".join(self.decoder.push(t) for t in tokens)
         if text:
-            self.run.on_token(TokenDelta(step=self.index, author="verifier", text=text))
+            self.run.on_token(TokenDelta(step=self.index, author=self.role, text=text))
 
     def on_token(self, branch: int, token: int) -> None:  # decode()'s callback; branch: the caller maps it
         self.push([token])
 
 
 def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajectory],
-                        max_steps: int | None, phase: str = "speculate") -> list[Trajectory]:
+                        max_steps: int | None, phase: str = "speculate", stream: bool = False) -> list[Trajectory]:
     """Continue trajectory i on context branch i, one step per batched decode, until each one finishes.
 
     Finished trajectories leave the batch (their cache rows are dropped), so later steps run on fewer
@@ -155,10 +158,15 @@ def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajec
     if len(rows) != ctx.branches:
         ctx.gather(rows)
     params, rng = run.params[role], run.rng[role]
+    # stream: the text is final as written (one trajectory of one model), so it goes out token by token and
+    # step by step through run.on_token / run.on_step instead of at the end.
+    live = stream and len(trajs) == 1
     while rows:
         budget = min(run.step_budget(trajs[i].tokens) for i in rows)
+        step_stream = StepStream(run, index=len(trajs[0].steps), role=role) if live and run.on_token else None
         with run.timer.phase(phase):
-            outs = ctx.decode_steps(params=params, rng=rng, max_tokens=budget)
+            outs = ctx.decode_steps(params=params, rng=rng, max_tokens=budget,
+                                    on_token=step_stream.on_token if step_stream else None)
         keep = []
         for j, (i, out) in enumerate(zip(rows, outs, strict=True)):
             traj = trajs[i]
@@ -166,6 +174,8 @@ def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajec
             traj.texts.append(out.text)
             traj.logprobs.extend(out.logprobs)
             run.tokens[role] += len(out.tokens)
+            if live and run.on_step is not None:
+                run.on_step(StepTrace(index=len(traj.steps) - 1, author=role, text=out.text, tokens=len(out.tokens)))
             traj.finish = run.finish_after_step(traj=traj, out_finish=out.finish, max_steps=max_steps)
             if not traj.finish:
                 keep.append(j)
