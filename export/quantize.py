@@ -33,8 +33,15 @@ INT4_ACCURACY_LEVEL = 4
 def quantize(*, src: Path, dst: Path, precision: str, external_data: bool) -> dict[str, Any]:
     """Write the quantized graph of `src` to `dst`; return the format facts recorded in the manifest
     (models.ROLE.validation.quantization)."""
-    # ONNX Runtime's quantizers log advice on the root logger ("consider pre-processing") that does not
-    # apply to weight-only/dynamic quantization of a decoder; keep the CLI output to our own stages.
+    # ONNX Runtime's quantizers log advice on the root logger ("consider pre-processing") and every node they
+    # visit (INFO) that does not apply to weight-only/dynamic quantization of a decoder; keep the CLI output to
+    # our own stages. The int4 quantizer's module calls logging.basicConfig(level=INFO) when imported, so it is
+    # imported before the root level is lowered.
+    try:
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"{precision} quantization needs the package {e.name!r}: "
+                          "pip install 'specreason-rt[export]'") from e
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
