@@ -69,16 +69,91 @@ def _quantize(*, src: Path, dst: Path, precision: str, external_data: bool) -> d
 
     model = onnx.load(str(src))
     found = _find_embedding(model.graph)
+    searched = _searched_blocks(model.graph)  # from the fp32 weights, before the quantizer drops them
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
                                      accuracy_level=INT4_ACCURACY_LEVEL)
     quantizer.process()
+    _replace_blocks(graph=quantizer.model.model.graph, searched=searched)
     embedding = "fp32"
     if found is not None:
         embedding = _embedding_int4(graph=quantizer.model.model.graph, gather=found[0], lm_head_output=found[1],
                                     quantizer=quantizer.node_quantizer)
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=external_data)
     return {"format": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK_SIZE, "symmetric": True,
-            "accuracy_level": INT4_ACCURACY_LEVEL, "embedding": embedding}
+            "accuracy_level": INT4_ACCURACY_LEVEL, "scales": "searched per block (least squares)",
+            "embedding": embedding}
+
+
+# Per block, the scale maps the weight of largest magnitude (`peak`) to one of these levels: -8 is ONNX Runtime's
+# round-to-nearest (tried first, so a tie keeps it); past -8 (or past +7, the peak's sign flipped) the peak is
+# clipped and the other 31 weights get a finer grid.
+_SCALE_LEVELS = (-8.0, *np.linspace(-8.25, -10.0, 8), *np.linspace(7.0, 9.0, 9))
+_SEARCH_COLUMNS = 4096  # output columns per numpy pass: bounds the temporaries to ~4096 x K floats each
+
+
+def int4_blocks(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 blocks of a MatMul weight [K, N] (K a multiple of the block) in MatMulNBits' layout: blocks
+    [N, K / block, block / 2] uint8 (value + 8, two per byte, low nibble first) and scales [N, K / block].
+
+    Each block's scale is the one of _SCALE_LEVELS with the least squared reconstruction error of that block: the
+    same format, kernel and bytes as round-to-nearest, closer weights (SmolLM2-135M: BENCHMARKS.md "int4 quality").
+    ONNX Runtime's quantizer has no such search for this format (its RTN config with a search needs Intel's
+    neural-compressor), so it is done here, in numpy.
+    """
+    k, n = weight.shape
+    blocks = np.empty((n, k // INT4_BLOCK_SIZE, INT4_BLOCK_SIZE // 2), np.uint8)
+    scales = np.empty((n, k // INT4_BLOCK_SIZE), np.float32)
+    for start in range(0, n, _SEARCH_COLUMNS):
+        w = np.ascontiguousarray(weight[:, start:start + _SEARCH_COLUMNS].T, dtype=np.float32)  # [cols, K]
+        w = w.reshape(w.shape[0], -1, INT4_BLOCK_SIZE)  # [cols, blocks, block]
+        at = np.abs(w).argmax(axis=-1)[..., None]
+        peak = np.take_along_axis(w, at, axis=-1)  # [cols, blocks, 1], signed
+        best_err = np.full(peak.shape[:2], np.inf, np.float32)
+        best_q = np.zeros(w.shape, np.int8)
+        best_s = np.zeros(peak.shape[:2], np.float32)
+        for level in _SCALE_LEVELS:
+            s = peak / np.float32(level)  # [cols, blocks, 1]
+            safe = np.where(s == 0, np.float32(1), s)  # an all-zero block: q = 0 at any scale
+            q = np.clip(np.rint(w / safe), -8, 7)
+            err = np.square(q * s - w).sum(axis=-1)  # [cols, blocks]
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s[..., 0], best_s)
+            best_q = np.where(better[..., None], q.astype(np.int8), best_q)
+        u = (best_q + 8).astype(np.uint8)
+        blocks[start:start + w.shape[0]] = u[..., 0::2] | (u[..., 1::2] << 4)
+        scales[start:start + w.shape[0]] = best_s
+    return blocks, scales
+
+
+def _searched_blocks(graph: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per MatMul output name: int4_blocks of its constant [K, N] weight (K whole blocks; others keep the
+    quantizer's own blocks)."""
+    from onnx import numpy_helper
+
+    inits = _initializers(graph)
+    out = {}
+    for node in graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is not None and len(weight.dims) == 2 and weight.dims[0] % INT4_BLOCK_SIZE == 0:
+            out[node.output[0]] = int4_blocks(numpy_helper.to_array(weight))
+    return out
+
+
+def _replace_blocks(*, graph: Any, searched: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write the searched blocks and scales into the MatMulNBits nodes that replaced those MatMuls."""
+    from onnx import numpy_helper
+
+    inits = _initializers(graph)
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.output[0] not in searched:
+            continue
+        for name, array in zip(node.input[1:3], searched[node.output[0]], strict=True):
+            old = inits[name]
+            if list(old.dims) != list(array.shape):
+                raise ExportError(f"int4 blocks of {node.name}: the quantizer wrote {list(old.dims)}, "
+                                  f"the search {list(array.shape)}")
+            old.CopyFrom(numpy_helper.from_array(array, name))
 
 
 def _initializers(graph: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 
 from specreason_export.fused import FusedLinear, GatedMLP, fuse_mlp, fuse_qkv  # noqa: E402
 from specreason_export.onnx_export import export_onnx  # noqa: E402
-from specreason_export.quantize import INT4_BLOCK_SIZE, quantize  # noqa: E402
+from specreason_export.quantize import INT4_BLOCK_SIZE, int4_blocks, quantize  # noqa: E402
 from specreason_export.validate import DEFAULT_TOLERANCES, validate  # noqa: E402
 
 from .test_families import prompts, tiny_model  # noqa: E402
@@ -141,8 +141,10 @@ def test_int4_tied_embedding_reads_the_lm_head_blocks(tmp_path: Path) -> None:
     blocks, scales = inits[reshape.input[0]], inits[gbq[0].input[2]]  # [vocab, nb, block/2], [vocab, nb]
     nibbles = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(vocab, hidden).astype(np.float32) - 8
     rows = nibbles * np.repeat(scales, INT4_BLOCK_SIZE, axis=1)  # [vocab, hidden]
-    table = model.get_input_embeddings().weight.detach().numpy()
-    assert np.abs(rows - table).max() <= np.abs(table).max() / 7  # at most one int4 step per block
+    table = model.get_input_embeddings().weight.detach().numpy()  # [vocab, hidden]
+    expected_blocks, expected_scales = int4_blocks(np.ascontiguousarray(table.T))  # the lm_head's [hidden, vocab]
+    assert np.array_equal(blocks, expected_blocks) and np.array_equal(scales, expected_scales)
+    assert np.abs(rows - table).max() <= 0.25 * np.abs(table).max()  # within the clipped int4 grid
     report = validate(model=model, onnx_path=path, attention="gqa", prompts=prompts(), precision="int4")
     assert report["passed"], report
 
@@ -164,3 +166,34 @@ def test_int4_embedding_stays_fp32_when_the_hidden_size_is_not_whole_blocks(tmp_
     path, facts = int4_graph(model, tmp_path)
     assert facts["embedding"].startswith("fp32 (hidden size 48")
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("GatherBlockQuantized") == 0
+
+
+def test_int4_scale_search_is_round_to_nearest_or_closer() -> None:
+    """The searched blocks are ONNX Runtime's round-to-nearest blocks when only its level is tried, and never
+    further from the weights, block by block, with the whole search (hand-checkable: dequantize both)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    import specreason_export.quantize as q
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((128, 40)) * 0.05).astype(np.float32)  # [K, N]
+    weight[:, 3] = 0.0  # an all-zero column: scale 0, every value the zero point
+    rtn = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True))
+    ort_blocks, ort_scales, _ = rtn.qbits_block_quant(weight.copy())
+
+    def error(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:  # -> [N, K / block]
+        nibbles = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*scales.shape, INT4_BLOCK_SIZE) - 8.0
+        w = weight.T.reshape(*scales.shape, INT4_BLOCK_SIZE)
+        return np.square(nibbles * scales[..., None] - w).sum(axis=-1)
+
+    levels = q._SCALE_LEVELS
+    try:
+        q._SCALE_LEVELS = (-8.0,)
+        blocks, scales = q.int4_blocks(weight)
+    finally:
+        q._SCALE_LEVELS = levels
+    assert np.array_equal(blocks, ort_blocks) and np.array_equal(scales, ort_scales)
+    blocks, scales = q.int4_blocks(weight)
+    assert (error(blocks, scales) <= error(ort_blocks, ort_scales)).all()
+    assert error(blocks, scales).sum() < 0.95 * error(ort_blocks, ort_scales).sum()
+    assert (blocks[3] == 0x88).all() and not scales[3].any()
