@@ -53,9 +53,13 @@ def test_fused_linear_equals_the_separate_projections_with_and_without_bias() ->
         if p.bias is not None:
             torch.nn.init.normal_(p.bias, generator=g)
     x = torch.randn(2, 3, 8, generator=g)  # [branches, new, in]
+    before = [p(x) for p in parts]
     fused = FusedLinear(parts)
-    for got, part in zip(fused(x), parts, strict=True):
-        torch.testing.assert_close(got, part(x))
+    for got, part, expected in zip(fused(x), parts, before, strict=True):
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(part(x), expected)  # the source module still computes the same
+        # ... reading the fused copy: the weights are held once
+        assert part.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
     with pytest.raises(ValueError, match="one size"):
         FusedLinear([torch.nn.Linear(8, 4), torch.nn.Linear(6, 4)])
 
