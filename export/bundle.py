@@ -209,9 +209,11 @@ def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, prog
                         f"{arch.parameters / 1e6:.1f}M parameters, {attention} attention)"):
         io = export_onnx(model=src.model, out_path=fp32_path, attention=attention,
                          value_head=value_head[0] if value_head else None)
+    quantization: dict[str, Any] | None = None
     if opts.precision != "fp32":
         with progress.stage(f"{role}: quantize weights to {opts.precision}"):
-            quantize(src=fp32_path, dst=role_dir / "model.onnx", precision=opts.precision, external_data=external)
+            quantization = quantize(src=fp32_path, dst=role_dir / "model.onnx", precision=opts.precision,
+                                    external_data=external)
         shutil.rmtree(fp32_path.parent)
     with progress.stage(f"{role}: validate against PyTorch ({opts.decode_steps} decode steps, ragged batch)"):
         report = validate(model=src.model, onnx_path=role_dir / "model.onnx", attention=attention,
@@ -220,6 +222,8 @@ def _export_role(*, role: str, src: Source, tmp: Path, opts: ExportOptions, prog
                           value_head=value_head[0] if value_head else None)
         progress.info(f"max |logit diff| {report['max_abs_logit_diff']:.2e}, greedy agreement "
                       f"{report['greedy_agreement']:.0%} over {report['greedy_positions_checked']} positions")
+    if quantization is not None:
+        report["quantization"] = quantization  # the format the agreement above was measured on
     if not report["passed"]:
         tol = report["tolerance"]
         value_note = f", max |value diff| {report['max_abs_value_diff']:.3g}" if value_head else ""

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .families import SUPPORTED_FAMILIES, Family, family_of, layer_windows
+from .fused import FusedLinear, fuse_mlp, fuse_qkv
 from .hf_compat import embedding_scale, rope_modules, rope_state, submodule
 
 __all__ = ["ATTENTION_VARIANTS", "SUPPORTED_FAMILIES", "BranchDecoder", "Disabled"]
@@ -137,7 +138,17 @@ class BranchDecoder(nn.Module):
         self.norm = getattr(base, paths["final_norm"])
         self.lm_head = submodule(hf_model, paths["lm_head"])
         self.value_head = value_head  # maps [..., hidden] -> [...] in [0, 1]
-        self.mlps = nn.ModuleList([family.mlp(layer) for layer in self.layers])
+        # Projections that read one input run as one MatMul each (export/fused.py): q/k/v, and the MLP's gate/up.
+        self.mlps = nn.ModuleList([fuse_mlp(family.mlp(layer)) for layer in self.layers])
+        self.qkv_projs = nn.ModuleList()  # owns the fused weights; _qkv finds a layer's by its attention module
+        self._fused_qkv: dict[nn.Module, FusedLinear] = {}
+        if family.qkv == "split":
+            for layer in self.layers:
+                attn = getattr(layer, paths["attn"])
+                fused = fuse_qkv(attn)
+                if fused is not None:
+                    self.qkv_projs.append(fused)
+                    self._fused_qkv[attn] = fused
 
         # Family data resolved against this config.
         self.block = "parallel" if family.is_parallel(cfg) else family.block
@@ -222,6 +233,8 @@ class BranchDecoder(nn.Module):
         elif self.family.qkv == "interleaved":
             qkv = attn.query_key_value(x).view(b, n, self.heads, 3 * self.head_dim)  # per head [q | k | v]
             q, k, v = (qkv[..., i * self.head_dim:(i + 1) * self.head_dim].reshape(b, n, q_size) for i in range(3))
+        elif attn in self._fused_qkv:
+            q, k, v = self._fused_qkv[attn](x)
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if self.qk_norm is None:

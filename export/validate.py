@@ -11,6 +11,9 @@ tokens, so both models see exactly the same contexts, and every logit row is com
     max_abs_value_diff   with a value head: max |value_onnx - value_torch| over the same positions, the torch
                          value being the head on transformers' final-norm hidden states (last_hidden_state)
 
+A quantized bundle's report also carries `quantization` (export/quantize.py: format, bits, block size, and how
+the embedding is stored), added by the bundle writer.
+
 Feeding the reference (not the graph's own argmax) keeps quantized exports comparable: every variant is
 scored on the same positions instead of on its own, diverging continuation.
 

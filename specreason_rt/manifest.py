@@ -68,6 +68,8 @@ ModelEntry:
                              a value head also max_abs_value_diff (ONNX `value` vs the torch head); optional
                              `quality` (quantized bundles, written by `specreason bench quality --record`:
                              greedy agreement and perplexity vs the fp32 export, specreason_rt/bench_quality.py)
+                             and `quantization` (quantized bundles: the format the agreement was measured on,
+                             export/quantize.py)
     value_head               optional (absent or null = no head): a value head inside this graph, the extra
                              output `value`. {input_size (= architecture.hidden), hidden, file (the source file
                              name), sha256 (of that file), metrics (the head's own held-out measurements, e.g.

@@ -74,6 +74,7 @@ def test_quantized_exports_record_validation(tmp_path: Path, capsys, precision: 
         assert v["precision"] == precision and v["passed"]
         assert v["tolerance"]["max_abs_logit_diff"] is None  # recorded, not enforced for quantized weights
         assert 0.5 <= v["greedy_agreement"] <= 1.0 and v["max_abs_logit_diff"] > 0.0
+        assert v["quantization"]["embedding"]  # the format the agreement was measured on (export/quantize.py)
     ops = {n.op_type for n in onnx.load(str(out / "speculator" / "model.onnx")).graph.node}
     assert ("MatMulNBits" if precision == "int4" else "MatMulInteger") in ops
 
