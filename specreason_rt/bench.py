@@ -208,8 +208,9 @@ def _bench_prefill(args: argparse.Namespace) -> int:
     specs = _systems(args, ours=[ours_spec(bundle=args.bundle, role=args.role)])
 
     def body(workers: list[Worker]) -> dict[str, Any]:
-        cells = bench_prefill(workers, prompt_tokens=args.tokens, n_specs=args.n_specs, windows=args.windows,
-                              gap_s=args.gap_ms / 1e3)
+        cells = [cell for tokens in args.tokens
+                 for cell in bench_prefill(workers, prompt_tokens=tokens, n_specs=args.n_specs, windows=args.windows,
+                                           gap_s=args.gap_ms / 1e3)]
         for cell in cells:
             for s in cell["systems"].values():
                 s["ms"] = round(statistics.median(s["windows_ms"]), 2)
@@ -359,7 +360,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     prefill = bench_sub.add_parser("prefill", help="one prompt for N branches (ours: prefilled once, forked)")
     _fair_arguments(prefill, windows=5)
-    prefill.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
+    prefill.add_argument("--tokens", type=int, nargs="+", default=[512], metavar="T",
+                         help="prompt lengths, one cell each (default 512)")
     prefill.add_argument("--n-specs", type=int, nargs="+", default=[1, 4], metavar="N")
     prefill.set_defaults(func=_bench_prefill)
 

@@ -86,11 +86,11 @@ def test_generate_outputs_are_compared(tiny_bundle: Path, tiny_llama_dir: Path, 
 
 def test_prefill_cells(tiny_bundle: Path, tiny_llama_dir: Path) -> None:
     res = bench("prefill", "--bundle", str(tiny_bundle), "--peer", "transformers", str(tiny_llama_dir),
-                "--threads", "1", "--tokens", "16", "--n-specs", "1", "4", "--windows", "2", "--gap-ms", "0",
-                "--json")
+                "--threads", "1", "--tokens", "16", "40", "--n-specs", "1", "4", "--windows", "2", "--gap-ms",
+                "0", "--json")
     assert res.returncode == 0, res.stderr
     cells = json.loads(res.stdout)["cells"]
-    assert [(c["n_specs"], c["prompt_tokens"]) for c in cells] == [(1, 16), (4, 16)]
+    assert [(c["n_specs"], c["prompt_tokens"]) for c in cells] == [(1, 16), (4, 16), (1, 40), (4, 40)]
     assert all(c["systems"][OURS]["ms"] > 0 for c in cells)
 
 
