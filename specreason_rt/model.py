@@ -26,12 +26,12 @@ from .providers import ProviderConfig, ProviderSpec
 from .trt_engine import TrtEngine
 
 # A forward of more new tokens than this per branch runs as consecutive chunks of this many (each on the cache the
-# previous one filled). ONNX Runtime's CPU GroupQueryAttention multiplies every new query with every cached key and
-# masks afterwards, so one 2048-token call does the full 2048 x 2048 products; chunks of 512 skip the products above
-# the diagonal between chunks (~37% of the attention) and bound its [heads, new, capacity] scratch buffer.
-# Measured (SmolLM2 fp32, one thread, CPU time, identical logits): 2048 tokens 0.86x of one call, 512 unchanged
-# (BENCHMARKS.md, "Prefill").
-PREFILL_CHUNK = 512
+# previous one filled; same logits). ONNX Runtime's CPU GroupQueryAttention multiplies every new query with every
+# cached key and masks afterwards, into a [heads, new, capacity] float scratch buffer per call: one 8192-token
+# prompt would need 9 x 8192 x 8192 x 4 B = 2.4 GB for SmolLM2 (the plain graph's scores as much); chunks bound it.
+# Not a speed setting: chunks of 512 measured 0.86x CPU time (one thread) but 1.15x wall time (two threads) for a
+# 2048-token SmolLM2 prefill on the shared machine (BENCHMARKS.md, "Prefill"), so prompts up to 2048 run in one call.
+PREFILL_CHUNK = 2048
 
 # intra_op_threads=0 ("auto") gives models below this size one thread: their ops are too small to split, and
 # on the built-in pair (0.1M / 0.8M parameters) one thread ran a stepwise eval 1.6x faster than two.
