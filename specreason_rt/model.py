@@ -27,10 +27,10 @@ from .trt_engine import TrtEngine
 
 # A forward of more new tokens than this per branch runs as consecutive chunks of this many (each on the cache the
 # previous one filled; same logits). ONNX Runtime's CPU GroupQueryAttention multiplies every new query with every
-# cached key and masks afterwards, into a [heads, new, capacity] float scratch buffer per call: one 8192-token
-# prompt would need 9 x 8192 x 8192 x 4 B = 2.4 GB for SmolLM2 (the plain graph's scores as much); chunks bound it.
-# Not a speed setting: chunks of 512 measured 0.86x CPU time (one thread) but 1.15x wall time (two threads) for a
-# 2048-token SmolLM2 prefill on the shared machine (BENCHMARKS.md, "Prefill"), so prompts up to 2048 run in one call.
+# key up to the branch's length and masks afterwards; chunks skip the products above the diagonal between chunks.
+# Measured on the shared machine (SmolLM2 fp32, BENCHMARKS.md "Prefill"): 2048 tokens in chunks of 512 took 0.86x
+# the CPU time of one call on one thread but 1.15x the wall time on two, and a 4096-token prompt grew the peak RSS
+# by 152 MiB in chunks of 2048 against 187 MiB in one call. No clear win, so only prompts past 2048 are chunked.
 PREFILL_CHUNK = 2048
 
 # intra_op_threads=0 ("auto") gives models below this size one thread: their ops are too small to split, and
