@@ -173,3 +173,23 @@ def test_chunked_prefill_equals_one_forward(any_tiny_bundle: Path, branches: int
     np.testing.assert_allclose(chunked[2], one[2], atol=1e-5)
     for b, row in enumerate(rows):
         np.testing.assert_allclose(chunked[3][b, :len(row)], one[3][b, :len(row)], atol=1e-5)
+
+
+def test_chunked_prefill_keeps_the_value_head(builtin_bundle: Path) -> None:
+    """values=True through chunks: the head's outputs at every position and at the last equal one call's."""
+    from specreason_rt.model import RoleModel
+
+    entry = load_manifest(builtin_bundle).models["verifier"]
+    model = RoleModel(bundle_dir=builtin_bundle, entry=entry)
+    assert model.has_value_head
+    row = np.random.default_rng(1).integers(4, entry.architecture.vocab_size, size=21).tolist()
+    out = {}
+    for chunk in (1000, 6):
+        model.prefill_chunk = chunk
+        last = model.forward(cache=model.new_cache(), tokens=[row], values=True)
+        every = model.forward(cache=model.new_cache(), tokens=[row], all_logits=True, values=True)
+        out[chunk] = (last, every)
+    for (a, b) in zip(out[1000], out[6], strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(y, x, atol=1e-5)
