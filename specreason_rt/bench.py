@@ -40,6 +40,7 @@ from .bench_harness import (
     start_workers,
 )
 from .bench_quality import perplexity, quality_inputs, record_quality, summarise_quality
+from .bench_verify import bench_verify
 from .errors import ConfigError
 from .kv_cache import KVCache
 from .manifest import load_manifest
@@ -208,8 +209,9 @@ def _bench_prefill(args: argparse.Namespace) -> int:
     specs = _systems(args, ours=[ours_spec(bundle=args.bundle, role=args.role)])
 
     def body(workers: list[Worker]) -> dict[str, Any]:
-        cells = bench_prefill(workers, prompt_tokens=args.tokens, n_specs=args.n_specs, windows=args.windows,
-                              gap_s=args.gap_ms / 1e3)
+        cells = [cell for tokens in args.tokens
+                 for cell in bench_prefill(workers, prompt_tokens=tokens, n_specs=args.n_specs, windows=args.windows,
+                                           gap_s=args.gap_ms / 1e3)]
         for cell in cells:
             for s in cell["systems"].values():
                 s["ms"] = round(statistics.median(s["windows_ms"]), 2)
@@ -313,6 +315,20 @@ def _bench_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_verify(args: argparse.Namespace) -> int:
+    result = bench_verify(bundle=args.bundle, role=args.role, context=args.context, drafts=args.drafts,
+                          draft_tokens=args.draft_tokens, repeats=args.repeats, threads=args.threads)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    r = result["one_forward_over_one_per_draft"]
+    print(f"{args.drafts} drafts x {args.draft_tokens} tokens on a {args.context}-token context "
+          f"({result['attention']}, {result['precision']}): one forward {result['one_forward_ms']} ms, one per draft "
+          f"{result['one_per_draft_ms']} ms; ratio {r['median']} [{r['min']}..{r['max']}], "
+          f"max |logit difference| {result['max_abs_logit_difference']:.2g}")
+    return 0
+
+
 def _fair_arguments(p: argparse.ArgumentParser, *, windows: int) -> None:
     p.add_argument("--bundle", required=True, metavar="DIR", help="our bundle")
     p.add_argument("--role", default="speculator", choices=["speculator", "verifier"],
@@ -334,7 +350,7 @@ def _fair_arguments(p: argparse.ArgumentParser, *, windows: int) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """`specreason bench logits|decode|prefill|generate|quality` (registered by the CLI)."""
+    """`specreason bench logits|verify|decode|prefill|generate|quality` (registered by the CLI)."""
     bench = sub.add_parser("bench", help="benchmarks with JSON output (fair: all systems loaded, equal threads, "
                                          "interleaved windows)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -346,6 +362,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     logits.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     logits.add_argument("--json", action="store_true")
     logits.set_defaults(func=_bench_logits)
+
+    verify = bench_sub.add_parser("verify", help="drafts on one forked context: one forward at B = drafts vs one "
+                                                 "forward per draft (ours alone)")
+    verify.add_argument("--bundle", required=True, metavar="DIR")
+    verify.add_argument("--role", default="verifier", choices=["speculator", "verifier"])
+    verify.add_argument("--context", type=int, default=512, help="prompt tokens before the drafts (default 512)")
+    verify.add_argument("--drafts", type=int, default=4, help="drafts, one branch each (default 4)")
+    verify.add_argument("--draft-tokens", type=int, default=32, help="tokens per draft (default 32)")
+    verify.add_argument("--repeats", type=int, default=5, help="interleaved runs of each way (default 5)")
+    verify.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=_bench_verify)
 
     decode = bench_sub.add_parser("decode", help="steady-state decode tokens/s per (branches, context), ours and "
                                                  "peers interleaved")
@@ -359,7 +387,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     prefill = bench_sub.add_parser("prefill", help="one prompt for N branches (ours: prefilled once, forked)")
     _fair_arguments(prefill, windows=5)
-    prefill.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
+    prefill.add_argument("--tokens", type=int, nargs="+", default=[512], metavar="T",
+                         help="prompt lengths, one cell each (default 512)")
     prefill.add_argument("--n-specs", type=int, nargs="+", default=[1, 4], metavar="N")
     prefill.set_defaults(func=_bench_prefill)
 

@@ -25,6 +25,14 @@ from .errors import BundleError, ConfigError
 from .kv_cache import KVCache
 from .manifest import EngineFacts, ModelEntry
 
+# A forward of more new tokens than this per branch runs as consecutive chunks of this many (each on the cache the
+# previous one filled; same logits). ONNX Runtime's CPU GroupQueryAttention multiplies every new query with every
+# key up to the branch's length and masks afterwards; chunks skip the products above the diagonal between chunks.
+# Measured on the shared machine (SmolLM2 fp32, BENCHMARKS.md "Prefill"): 2048 tokens in chunks of 512 took 0.86x
+# the CPU time of one call on one thread but 1.15x the wall time on two, and a 4096-token prompt grew the peak RSS
+# by 152 MiB in chunks of 2048 against 187 MiB in one call. No clear win, so only prompts past 2048 are chunked.
+PREFILL_CHUNK = 2048
+
 # intra_op_threads=0 ("auto") gives models below this size one thread: their ops are too small to split, and
 # on the built-in pair (0.1M / 0.8M parameters) one thread ran a stepwise eval 1.6x faster than two.
 SMALL_MODEL_PARAMETERS = 10_000_000
@@ -83,6 +91,7 @@ class RoleModel:
                 raise BundleError(f"{entry.file}: ONNX Runtime cannot load this graph ({first}); the file is "
                                   "truncated or not a graph of this bundle: re-export the bundle") from e
             check_graph_io(session=self.engine.session, entry=entry)
+        self.prefill_chunk = PREFILL_CHUNK  # new tokens per forward call; see PREFILL_CHUNK
         if (entry.value_head is not None) != self.engine.has_value:
             raise BundleError(f"{entry.file}: the manifest {'lists' if entry.value_head else 'has no'} value head but "
                               f"the graph {'lacks' if entry.value_head else 'has'} the output `value`; "
@@ -119,6 +128,17 @@ class RoleModel:
                               "default) to score with values")
         n_new = np.array([len(t) for t in tokens], np.int64)  # [branches]
         width = max(int(n_new.max()), 1)
+        chunk = max(int(self.prefill_chunk), 1)
+        # GroupQueryAttention refuses several new tokens on top of a cache at branches > 1 (the engine then runs
+        # branch by branch), so a batched gqa prefill is chunked only when it is a single branch.
+        if width > chunk and (cache.branches == 1 or self.entry.kv_cache.get("attention") == "plain"):
+            return self._forward_chunked(cache=cache, tokens=tokens, n_new=n_new, chunk=chunk,
+                                         all_logits=all_logits, values=values)
+        return self._forward_once(cache=cache, tokens=tokens, n_new=n_new, all_logits=all_logits, values=values)
+
+    def _forward_once(self, *, cache: KVCache, tokens: list[list[int]], n_new: np.ndarray, all_logits: bool,
+                      values: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        width = max(int(n_new.max()), 1)
         ids = np.full((cache.branches, width), self.generation.pad_id, np.int64)  # [branches, width]
         for b, t in enumerate(tokens):
             ids[b, :len(t)] = t
@@ -131,3 +151,27 @@ class RoleModel:
             return (logits, value) if all_logits else (logits[:, 0], value[:, 0])
         logits = self.engine.step(cache=cache, input_ids=ids, n_new=n_new, logits_index=index)
         return logits if all_logits else logits[:, 0]
+
+    def _forward_chunked(self, *, cache: KVCache, tokens: list[list[int]], n_new: np.ndarray, chunk: int,
+                         all_logits: bool, values: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """forward() as consecutive calls of at most `chunk` new tokens per branch (same results, see PREFILL_CHUNK).
+
+        A branch whose tokens end in an earlier chunk feeds nothing in the later ones; its rows are taken from the
+        chunk that holds its last token."""
+        width = int(n_new.max())
+        branches = cache.branches
+        pieces: list[np.ndarray | tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, width, chunk):
+            part = [list(t[start:start + chunk]) for t in tokens]
+            pieces.append(self._forward_once(cache=cache, tokens=part, n_new=np.array([len(p) for p in part],
+                                             np.int64), all_logits=all_logits, values=values))
+        logit_parts = [p[0] if isinstance(p, tuple) else p for p in pieces]
+        value_parts = [p[1] for p in pieces if isinstance(p, tuple)]
+        if all_logits:
+            # Chunk i's rows are positions i * chunk ...; padding rows past a branch's tokens are ignored anyway.
+            logits = np.concatenate(logit_parts, axis=1)[:, :width]  # [branches, width, vocab]
+            return (logits, np.concatenate(value_parts, axis=1)[:, :width]) if values else logits
+        last = np.maximum(n_new - 1, 0) // chunk  # [branches]: the chunk holding each branch's last token
+        rows = np.arange(branches)
+        logits = np.stack(logit_parts)[last, rows]  # [branches, vocab]
+        return (logits, np.stack(value_parts)[last, rows]) if values else logits

@@ -86,11 +86,11 @@ def test_generate_outputs_are_compared(tiny_bundle: Path, tiny_llama_dir: Path, 
 
 def test_prefill_cells(tiny_bundle: Path, tiny_llama_dir: Path) -> None:
     res = bench("prefill", "--bundle", str(tiny_bundle), "--peer", "transformers", str(tiny_llama_dir),
-                "--threads", "1", "--tokens", "16", "--n-specs", "1", "4", "--windows", "2", "--gap-ms", "0",
-                "--json")
+                "--threads", "1", "--tokens", "16", "40", "--n-specs", "1", "4", "--windows", "2", "--gap-ms",
+                "0", "--json")
     assert res.returncode == 0, res.stderr
     cells = json.loads(res.stdout)["cells"]
-    assert [(c["n_specs"], c["prompt_tokens"]) for c in cells] == [(1, 16), (4, 16)]
+    assert [(c["n_specs"], c["prompt_tokens"]) for c in cells] == [(1, 16), (4, 16), (1, 40), (4, 40)]
     assert all(c["systems"][OURS]["ms"] > 0 for c in cells)
 
 
@@ -119,3 +119,13 @@ def test_bad_input_is_one_line(tiny_bundle: Path) -> None:
         res = bench("decode", "--bundle", str(tiny_bundle), "--no-floor", *args)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def test_verify_pass_one_forward_equals_one_per_draft(any_tiny_bundle: Path) -> None:
+    res = bench("verify", "--bundle", str(any_tiny_bundle), "--context", "12", "--drafts", "3", "--draft-tokens",
+                "5", "--repeats", "1", "--threads", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["max_abs_logit_difference"] < 1e-5 and out["one_forward_ms"] > 0 and out["one_per_draft_ms"] > 0
+    bad = bench("verify", "--bundle", str(any_tiny_bundle), "--context", "1000")
+    assert bad.returncode != 0 and "max context" in bad.stderr and "Traceback" not in bad.stderr

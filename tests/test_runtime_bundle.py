@@ -147,3 +147,49 @@ def test_cache_refuses_past_max_context(tiny_bundle: Path) -> None:
                                np.float32)] * r.entry.architecture.layers,
                      [np.zeros((1, r.entry.architecture.kv_heads, too_long, r.entry.architecture.head_dim),
                                np.float32)] * r.entry.architecture.layers, np.array([too_long]))
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_chunked_prefill_equals_one_forward(any_tiny_bundle: Path, branches: int) -> None:
+    """A long span runs as chunks of RoleModel.prefill_chunk new tokens: same logits, same cache afterwards."""
+    from specreason_rt.model import RoleModel
+
+    entry = load_manifest(any_tiny_bundle).models["speculator"]
+    model = RoleModel(bundle_dir=any_tiny_bundle, entry=entry)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(4, entry.architecture.vocab_size, size=n).tolist() for n in (37, 20)[:branches]]
+    results = {}
+    for chunk in (1000, 8):  # one call, then chunks of 8 (37 tokens: 5 chunks, the last ragged)
+        model.prefill_chunk = chunk
+        cache = model.new_cache(branches=branches, capacity=64)
+        last = model.forward(cache=cache, tokens=rows)  # [branches, vocab]
+        lengths = cache.lengths.copy()
+        nxt = model.forward(cache=cache, tokens=[[5, 6]] * branches)  # the cache continues like one call's
+        every = model.forward(cache=model.new_cache(branches=branches, capacity=64), tokens=rows, all_logits=True)
+        results[chunk] = (last, lengths, nxt, every)
+    one, chunked = results[1000], results[8]
+    np.testing.assert_array_equal(one[1], chunked[1])
+    np.testing.assert_allclose(chunked[0], one[0], atol=1e-5)
+    np.testing.assert_allclose(chunked[2], one[2], atol=1e-5)
+    for b, row in enumerate(rows):
+        np.testing.assert_allclose(chunked[3][b, :len(row)], one[3][b, :len(row)], atol=1e-5)
+
+
+def test_chunked_prefill_keeps_the_value_head(builtin_bundle: Path) -> None:
+    """values=True through chunks: the head's outputs at every position and at the last equal one call's."""
+    from specreason_rt.model import RoleModel
+
+    entry = load_manifest(builtin_bundle).models["verifier"]
+    model = RoleModel(bundle_dir=builtin_bundle, entry=entry)
+    assert model.has_value_head
+    row = np.random.default_rng(1).integers(4, entry.architecture.vocab_size, size=21).tolist()
+    out = {}
+    for chunk in (1000, 6):
+        model.prefill_chunk = chunk
+        last = model.forward(cache=model.new_cache(), tokens=[row], values=True)
+        every = model.forward(cache=model.new_cache(), tokens=[row], all_logits=True, values=True)
+        out[chunk] = (last, every)
+    for (a, b) in zip(out[1000], out[6], strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(y, x, atol=1e-5)

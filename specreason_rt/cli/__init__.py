@@ -28,6 +28,7 @@ EXAMPLES = {
     "serve": "specreason serve --port 8000 --api-key \"$KEY\"",
     "bench": "specreason bench decode --branches 1 4 --contexts 64 --json",
     "bench logits": "specreason bench logits --tokens 512 --json",
+    "bench verify": "specreason bench verify --context 512 --drafts 4 --draft-tokens 32 --threads 2 --json",
     "bench decode": "specreason bench decode --branches 1 4 --contexts 64 --threads 2 --json",
     "bench prefill": "specreason bench prefill --threads 2 --json",
     "bench generate": "specreason bench generate --threads 2 --json",

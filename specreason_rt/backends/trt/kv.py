@@ -7,7 +7,7 @@ What differs:
   * the buffers are one device allocation laid out as trt.plan.Layout says: 2 * layers slices of
     [branches, kv_heads, capacity, head_dim], each starting on a 256-byte boundary; `key_address(layer)` /
     `value_address(layer)` are what the engine binds as past_key.{i} / past_value.{i};
-  * every operation is a handful of device-to-device 3D copies planned by trt_plan (append: one per branch,
+  * every operation is a handful of device-to-device 3D copies planned by trt.plan (append: one per branch,
     grow: one, gather: one per kept branch, concat: two); nothing crosses to the host;
   * there are no host arrays: `keys` / `values` are empty and `step_inputs` refuses.
 
