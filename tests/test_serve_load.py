@@ -139,6 +139,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _served_so_far(url: str) -> dict[str, float]:
+    """From the server's /metrics: completions answered, runs in progress, runs waiting for a worker."""
+    seen = {"completed": 0.0, "running": 0.0, "queued": 0.0}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('specreason_requests_total{endpoint="/v1/completions"'):
+            seen["completed"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("specreason_running "):
+            seen["running"] = float(line.split()[1])
+        elif line.startswith("specreason_queue_depth "):
+            seen["queued"] = float(line.split()[1])
+    return seen
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests(builtin_bundle: Path) -> None:
     port = _free_port()
@@ -161,8 +174,15 @@ def test_sigterm_finishes_in_flight_requests(builtin_bundle: Path) -> None:
         with ThreadPoolExecutor(8) as ex:
             futures = [ex.submit(httpx.post, f"{url}/v1/completions", json={**body, "prompt": p["question"]},
                                  timeout=120) for p in problems]
-            while httpx.get(f"{url}/health").json()["queue_depth"] == 0:  # requests are in: some wait in line
-                assert not all(f.done() for f in futures), "the runs finished before the signal: make them longer"
+            # Signal once every request is in (answered, running or waiting in line) and some still wait: a
+            # client that had not connected yet would rightly be refused, which is not what this test is about.
+            deadline = time.monotonic() + 60
+            while True:
+                seen = _served_so_far(url)
+                if seen["completed"] + seen["running"] + seen["queued"] >= len(problems) and seen["queued"] > 0:
+                    break
+                assert seen["completed"] < len(problems), "the runs finished before the signal: make them longer"
+                assert time.monotonic() < deadline, f"the requests did not all arrive: {seen}"
                 time.sleep(0.005)
             proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
