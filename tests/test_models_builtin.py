@@ -10,7 +10,7 @@ import torch
 from specreason_models import BUILTIN_DIR, BUILTIN_NAMES, builtin_path
 from specreason_models.configs import preset
 from specreason_models.evaluate import accuracy, load
-from specreason_models.task import heldout_split
+from specreason_models.task import TaskConfig, heldout_split
 from specreason_models.train import train_model
 
 SUBSET = 200  # held-out problems re-evaluated here: enough for a +-0.07 margin, quick on 2 cores
@@ -50,7 +50,9 @@ def test_builtin_reaches_recorded_accuracy(name):
     model, tok = load(builtin_path(name))
     assert next(model.parameters()).dtype == torch.float32
     recorded = _recorded()[name]
-    got = accuracy(model=model, tok=tok, problems=heldout_split(n=SUBSET), batch=100)
+    # The split of the task the committed pair was measured on (accuracy.json records it).
+    task = TaskConfig(**_recorded()["task"])
+    got = accuracy(model=model, tok=tok, problems=heldout_split(n=SUBSET, config=task), batch=100)
     # The recorded subset value is exact (greedy decoding is deterministic); the margin absorbs float
     # differences between machines and the gap to the full-split number.
     assert abs(got - recorded[f"heldout_accuracy_first_{SUBSET}"]) <= MARGIN
