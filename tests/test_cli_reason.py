@@ -64,6 +64,34 @@ def test_eval_table_json_plot_and_records(builtin_bundle: Path, problems: Path, 
     assert {"latency_mean_s", "latency_p50_s", "latency_p95_s", "solution_tokens_per_problem"} <= set(verifier)
 
 
+def test_eval_lookahead_sweep_accounting_and_by_length(builtin_bundle: Path, tmp_path: Path) -> None:
+    problems = tmp_path / "p.jsonl"
+    rows = [("76-24*4", "08", 2), ("37+45*3", "46", 2), ("12+98-40", "70", 2), ("21+34*3", "65", 2),
+            ("55*7-13+20", "92", 3), ("90-91+9*2", "16", 3)]
+    problems.write_text("".join(json.dumps({"question": q, "answer": a, "steps": n}) + "\n" for q, a, n in rows))
+    args = ["eval", "--bundle", str(builtin_bundle), "--problems", str(problems), "--strategy", "verifier",
+            "stepwise", "--lookaheads", "1", "3", "--threads", "1"]
+    table = run(*args)
+    assert table.returncode == 0, table.stderr
+    assert "stepwise(lookahead=1)" in table.stdout and "stepwise(lookahead=3)" in table.stdout
+    assert "by length: accuracy / speedup vs verifier" in table.stdout and "wasted" in table.stdout
+    report = json.loads(run(*args, "--json").stdout)
+    assert sorted(report["by_length"]) == ["2", "3"]
+    assert [report["by_length"][n]["verifier"]["problems"] for n in ("2", "3")] == [4, 2]
+    one = report["strategies"]["stepwise(lookahead=1)"]["per_problem"]
+    three = report["strategies"]["stepwise(lookahead=3)"]["per_problem"]
+    assert one["drafted"] == one["accepted"] + one["rejected"] > 0
+    assert three["verify_passes"] < three["drafted"]  # several steps scored per verifier pass
+    assert one["verify_passes"] == one["drafted"]
+    assert set(one["phase_seconds"]) == {"prefill", "speculate", "verify", "fallback", "select"}
+    verifier = report["strategies"]["verifier"]["per_problem"]
+    assert verifier["drafted"] == 0 and verifier["verifier_forwards"] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1", "answer": "2", "steps": "two"}) + "\n")
+    res = run("eval", "--bundle", str(builtin_bundle), "--problems", str(bad))
+    assert res.returncode != 0 and "must be an integer >= 0" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_bad_inputs_give_one_line(builtin_bundle: Path, problems: Path, tmp_path: Path) -> None:
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"id": 1, "question": "1+1", "answer": "2"}\n{"id": 2, "question": "3+4"\n')

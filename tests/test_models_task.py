@@ -57,7 +57,7 @@ def test_solution_steps_are_delimited_and_correct():
     for p in heldout_split(n=200):
         *steps, answer_line = p.solution.split(STEP_DELIMITER)
         assert answer_line == f"Answer: {p.answer}"
-        assert 2 <= len(steps) <= 16 and n_steps(p) == len(steps)
+        assert 2 <= len(steps) <= 12 and n_steps(p) == len(steps)
         value = int(steps[0][:2])
         assert p.question.startswith(steps[0][:2])
         for step in steps:
@@ -67,20 +67,20 @@ def test_solution_steps_are_delimited_and_correct():
             value = {"+": x + y, "-": x - y, "*": x * y}[op] % 100
             assert int(rhs) == value and len(rhs) == 2
         assert int(p.answer) == value
-        assert len(format_prompt(p.question)) + len(p.solution) <= 224
+        assert len(format_prompt(p.question)) + len(p.solution) <= 176
 
 
 def test_heldout_split_covers_every_length():
     counts = Counter(n_steps(p) for p in heldout_split())
-    assert sorted(counts) == list(range(2, 17))
-    assert min(counts.values()) >= 100  # about 133 each: a by-length table has a usable sample per row
+    assert sorted(counts) == list(range(2, 13))
+    assert min(counts.values()) >= 150  # about 180 each: a by-length table has a usable sample per row
     v1 = Counter(n_steps(p) for p in heldout_split(n=300, config=TASK_V1))
     assert sorted(v1) == [2, 3]
 
 
 def test_length_batches_hold_one_length_and_follow_the_curriculum():
     heldout = {p.question for p in heldout_split()}
-    top = [3, 3, 5, 8, 16, 16]  # longest chain allowed at batch b
+    top = [3, 3, 5, 8, 12, 12]  # longest chain allowed at batch b
     batches = list(itertools.islice(length_batches(seed=0, batch=8, max_ops_at=lambda b: top[min(b, 5)]), 60))
     for b, group in enumerate(batches):
         lengths = {n_steps(p) for p in group}
