@@ -87,6 +87,9 @@ class StepwiseConfig:
     # decoding's accept rule, at the step level); the first rejected step is rewritten by the verifier and the
     # steps drafted after it are dropped from both caches. 1 = the paper's one step at a time.
     lookahead: int = 1
+    # Pipeline the models (strategies/lookahead.py): the speculator drafts the next chain while the verifier
+    # scores this one, in a second thread. Pays off only with a free core per model.
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.threshold, int | float) and math.isfinite(self.threshold) and self.threshold >= 0,
@@ -102,6 +105,9 @@ class StepwiseConfig:
         _check(self.lookahead == 1 or self.candidates == 1,
                f"lookahead > 1 drafts one chain of steps: set candidates to 1 (got candidates={self.candidates}) "
                "or lookahead to 1")
+        _check(isinstance(self.overlap, bool), f"overlap must be true or false, got {self.overlap!r}")
+        _check(not self.overlap or self.candidates == 1,
+               f"overlap drafts one chain ahead: set candidates to 1 (got candidates={self.candidates})")
 
 
 @dataclass(frozen=True)
@@ -166,9 +172,9 @@ class ReasonConfig:
                f"unknown strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
         _check(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         # The judge reads one score after the appended judge prompt: one pass cannot judge several steps.
-        _check(self.stepwise.lookahead == 1 or self.score.mode != "judge",
-               "stepwise.lookahead > 1 scores all drafted steps in one pass, which score mode 'judge' cannot do: "
-               "use score.mode 'likelihood' or 'head', or lookahead 1")
+        _check((self.stepwise.lookahead == 1 and not self.stepwise.overlap) or self.score.mode != "judge",
+               "stepwise.lookahead > 1 and stepwise.overlap score drafted steps as one chain in one pass, which "
+               "score mode 'judge' cannot do: use score.mode 'likelihood' or 'head', or lookahead 1 without overlap")
 
     def replace(self, **changes: Any) -> ReasonConfig:
         """A copy with changes; nested fields by dotted name, e.g. replace(**{"stepwise.threshold": 5})."""

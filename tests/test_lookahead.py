@@ -34,23 +34,27 @@ def test_accepted_prefix_is_the_leading_run_of_passing_steps() -> None:
     assert accepted_prefix(np.array([np.nan, 9.0]), threshold=0.0) == 0  # NaN (nothing to score) never passes
 
 
-@pytest.mark.parametrize(("lookahead", "reuse"), [(2, True), (4, True), (4, False)])
-def test_threshold_above_scale_is_the_verifier_alone(reasoner: Reasoner, lookahead: int, reuse: bool) -> None:
+@pytest.mark.parametrize(("lookahead", "reuse", "overlap"),
+                         [(2, True, False), (4, True, False), (4, False, False), (1, True, True), (3, True, True)])
+def test_threshold_above_scale_is_the_verifier_alone(reasoner: Reasoner, lookahead: int, reuse: bool,
+                                                     overlap: bool) -> None:
     for seed, q in enumerate(QUESTIONS):
         alone = reasoner.run(q, cfg("verifier", seed))
         run = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 10, "stepwise.lookahead": lookahead,
-                                                       "stepwise.reuse_draft_prefix": reuse}))
+                                                       "stepwise.reuse_draft_prefix": reuse,
+                                                       "stepwise.overlap": overlap}))
         assert [s.author for s in run.steps] == ["verifier"] * len(run.steps)
         assert run.text == alone.text and run.answer == alone.answer
         assert run.drafts.accepted == 0 and run.drafts.rejected == run.drafts.drafted > 0
         assert run.acceptance == 0.0
 
 
-@pytest.mark.parametrize("lookahead", [2, 4])
-def test_threshold_zero_is_the_speculator_alone(reasoner: Reasoner, lookahead: int) -> None:
+@pytest.mark.parametrize(("lookahead", "overlap"), [(2, False), (4, False), (1, True), (3, True)])
+def test_threshold_zero_is_the_speculator_alone(reasoner: Reasoner, lookahead: int, overlap: bool) -> None:
     for seed, q in enumerate(QUESTIONS):
         alone = reasoner.run(q, cfg("speculator", seed))
-        run = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 0, "stepwise.lookahead": lookahead}))
+        run = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 0, "stepwise.lookahead": lookahead,
+                                                       "stepwise.overlap": overlap}))
         assert [s.author for s in run.steps] == ["speculator"] * len(run.steps)
         assert run.text == alone.text
         assert run.tokens["verifier"] == 0 and run.drafts.wasted_tokens == 0
@@ -81,12 +85,14 @@ def _assert_cache_is_fresh(ctx: Context) -> None:
         np.testing.assert_allclose(mine[0, :, :n], ref[0, :, :n], atol=1e-4)
 
 
-def test_rejected_lookahead_steps_leave_no_trace_in_either_cache(builtin_bundle: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rejected_lookahead_steps_leave_no_trace_in_either_cache(builtin_bundle: Path, overlap: bool) -> None:
     bundle = Bundle(builtin_bundle)
     mid_chain = 0  # rounds that accepted some steps and rejected a later one
     for seed, q in enumerate(QUESTIONS[:5] * 5):
         run = Run(bundle=bundle, problem=q, config=cfg("stepwise", seed, **{"stepwise.threshold": 7.0,
-                                                                            "stepwise.lookahead": 3}))
+                                                                            "stepwise.lookahead": 3,
+                                                                            "stepwise.overlap": overlap}))
         result = STRATEGY_FUNCTIONS["stepwise"](run)
         spec, ver = (ctx for _, ctx in run.contexts)
         assert spec.branches == ver.branches == 1
@@ -101,10 +107,11 @@ def test_rejected_lookahead_steps_leave_no_trace_in_either_cache(builtin_bundle:
     assert mid_chain > 0
 
 
-@pytest.mark.parametrize("lookahead", [1, 4])
-def test_a_seed_reproduces_a_lookahead_run(reasoner: Reasoner, lookahead: int) -> None:
-    a = reasoner.run("21+34*3-50+7", cfg("stepwise", 7, **{"stepwise.lookahead": lookahead})).to_json()
-    b = reasoner.run("21+34*3-50+7", cfg("stepwise", 7, **{"stepwise.lookahead": lookahead})).to_json()
+@pytest.mark.parametrize(("lookahead", "overlap"), [(1, False), (4, False), (1, True), (4, True)])
+def test_a_seed_reproduces_a_lookahead_run(reasoner: Reasoner, lookahead: int, overlap: bool) -> None:
+    over = {"stepwise.lookahead": lookahead, "stepwise.overlap": overlap}
+    a = reasoner.run("21+34*3-50+7", cfg("stepwise", 7, **over)).to_json()
+    b = reasoner.run("21+34*3-50+7", cfg("stepwise", 7, **over)).to_json()
     for r in (a, b):
         r.pop("seconds"), r.pop("timings")
     assert a == b
@@ -117,3 +124,7 @@ def test_lookahead_config_errors_say_what_to_change() -> None:
         make_config(**{"stepwise.lookahead": 2, "stepwise.candidates": 2})
     with pytest.raises(ConfigError, match="score.mode 'likelihood' or 'head'"):
         make_config(**{"stepwise.lookahead": 2, "score.mode": "judge"})
+    with pytest.raises(ConfigError, match="score.mode 'likelihood' or 'head'"):
+        make_config(**{"stepwise.overlap": True, "score.mode": "judge"})
+    with pytest.raises(ConfigError, match="overlap must be true or false"):
+        make_config(**{"stepwise.overlap": "yes"})

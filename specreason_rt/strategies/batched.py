@@ -42,8 +42,8 @@ from .stepwise import _greedy_prefix, _replay
 
 def batch_key(config: ReasonConfig) -> tuple[Any, ...] | None:
     """Configs with equal keys can share a batch; None: this config is not batched (run it alone)."""
-    if config.strategy != "stepwise" or config.stepwise.candidates != 1:
-        return None
+    if config.strategy != "stepwise" or config.stepwise.candidates != 1 or config.stepwise.overlap:
+        return None  # overlap pipelines one run's two models in two threads: it runs alone
     return (config.score, config.speculator, config.verifier)
 
 

@@ -12,29 +12,43 @@ Per round (stepwise.lookahead = L > 1, one candidate per step):
                 draft's prefix that matches its own greedy choices (as stepwise.py does).
 So with threshold above the scale every draft is rejected and the output is exactly the verifier's; with
 threshold 0 every draft is accepted and the output is exactly the speculator's (same RNG stream, same order).
+
+stepwise.overlap pipelines the two models: while the verifier scores chain r (in a worker thread), the
+speculator drafts chain r+1 as if chain r passes whole. If it does, chain r+1 is ready; if not, chain r+1 is
+dropped with the rejected steps (the same rewind). Always drafting the whole next chain, whatever the timing,
+keeps a seed reproducing a run; the output differs from the sequential loop's only through the speculator's
+RNG draws spent on dropped chains (threshold 0 and above-the-scale are unchanged).
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..context import Context
 from ..decode import BranchOutput
-from ..scoring import score_chains
+from ..scoring import ChainScores, score_chains
 from ..tokenizer import StepDetector
 from ..trace import Candidate, DraftCounts, RunResult, StepTrace
 from .common import Run, StepStream, Trajectory
 from .stepwise import _greedy_prefix, _replay
 
 
-def draft_chain(run: Run, *, spec: Context, traj: Trajectory, lookahead: int
-                ) -> tuple[list[BranchOutput], list[tuple[int, np.ndarray]]]:
-    """Draft up to `lookahead` steps on the speculator's branch 0.
+@dataclass
+class Chain:
+    drafts: list[BranchOutput]
+    marks: list[tuple[int, np.ndarray]]  # per draft: the speculator's (length, logits row [vocab]) before it
+    ends_run: bool  # its last step would end the run (eos, answer, budget, repeat) if accepted
 
-    Returns the drafts and, per draft, the speculator's state before it (length, logits row [vocab]): what a
-    rejection of that draft rewinds to.
+
+def draft_chain(run: Run, *, spec: Context, traj: Trajectory, lookahead: int) -> Chain:
+    """Draft up to `lookahead` steps on the speculator's branch 0, after the steps of `traj`.
+
+    Per draft, the speculator's state before it (length, logits row [vocab]) is kept: what a rejection of that
+    draft rewinds to.
     """
     sim = Trajectory(steps=list(traj.steps), texts=list(traj.texts))  # the run as if every draft were accepted
     drafts: list[BranchOutput] = []
@@ -48,8 +62,8 @@ def draft_chain(run: Run, *, spec: Context, traj: Trajectory, lookahead: int
         sim.steps.append(list(draft.tokens))
         sim.texts.append(draft.text)
         if run.finish_after_step(traj=sim, out_finish=draft.finish, max_steps=None):
-            break
-    return drafts, marks
+            return Chain(drafts=drafts, marks=marks, ends_run=True)
+    return Chain(drafts=drafts, marks=marks, ends_run=False)
 
 
 def accepted_prefix(scores: np.ndarray, *, threshold: float) -> int:
@@ -59,6 +73,15 @@ def accepted_prefix(scores: np.ndarray, *, threshold: float) -> int:
 
 
 def run_lookahead(run: Run) -> RunResult:
+    if not run.config.stepwise.overlap:
+        return _run_lookahead(run, None)
+    # One worker thread: the verifier scores chain r there while this thread drafts chain r+1 (ONNX Runtime
+    # releases the GIL, so the two models run at once when there are two free cores).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="specreason-verify") as pool:
+        return _run_lookahead(run, pool)
+
+
+def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
     start = time.perf_counter()
     cfg = run.config.stepwise
     spec, ver = run.context("speculator"), run.context("verifier")
@@ -79,20 +102,40 @@ def run_lookahead(run: Run) -> RunResult:
             run.on_step(step)
         traj.finish = run.finish_after_step(traj=traj, out_finish=out_finish, max_steps=None)
 
+    def verify(spans: list[list[int]]) -> ChainScores:
+        with run.timer.phase("verify"):
+            return score_chains(scorer, ver, [spans])
+
+    scorer = run.scorer  # built here, not lazily inside the worker thread
+    ahead: Chain | None = None  # overlap: the chain drafted while the previous one was scored
     while not traj.finish:
         reuse_span: list[int] = []
         rejected: Candidate | None = None
         if len(traj.steps) >= cfg.first_n_steps_verifier:
-            # 1. Speculate a chain of up to L steps.
-            with run.timer.phase("speculate"):
-                drafts, marks = draft_chain(run, spec=spec, traj=traj, lookahead=cfg.lookahead)
-            run.tokens["speculator"] += sum(len(d.tokens) for d in drafts)
+            # 1. Speculate a chain of up to L steps (or take the one drafted during the last verification).
+            if ahead is None:
+                with run.timer.phase("speculate"):
+                    ahead = draft_chain(run, spec=spec, traj=traj, lookahead=cfg.lookahead)
+                run.tokens["speculator"] += sum(len(d.tokens) for d in ahead.drafts)
+            current, ahead = ahead, None
+            drafts, marks = current.drafts, current.marks
             # 2. Verify every drafted step in one prefill pass. The verifier's pending token (the end of a step
             # it wrote) rides along; the scoring rows start after it.
             ver_len = ver.length(0)
             spans = [run.convert(d.tokens, src="speculator", dst="verifier") for d in drafts]
-            with run.timer.phase("verify"):
-                chain = score_chains(run.scorer, ver, [spans])
+            if pool is not None and not current.ends_run:
+                # 2'. Overlap: draft the next chain as if this one passes, while the verifier scores this one.
+                future = pool.submit(verify, spans)
+                assumed = Trajectory(steps=[*traj.steps, *(list(d.tokens) for d in drafts)],
+                                     texts=[*traj.texts, *(d.text for d in drafts)])
+                try:
+                    with run.timer.phase("speculate"):
+                        ahead = draft_chain(run, spec=spec, traj=assumed, lookahead=cfg.lookahead)
+                    run.tokens["speculator"] += sum(len(d.tokens) for d in ahead.drafts)
+                finally:
+                    chain = future.result()  # never leave the verifier running on its own
+            else:
+                chain = verify(spans)
             scores, rows, starts = chain.scores[0], chain.rows[0], chain.starts[0]
             accepted = accepted_prefix(scores, threshold=cfg.threshold)
             counts.rounds += 1
@@ -101,6 +144,12 @@ def run_lookahead(run: Run) -> RunResult:
             counts.accepted += accepted
             counts.rejected += len(drafts) - accepted
             counts.wasted_tokens += sum(len(d.tokens) for d in drafts[accepted:])
+            if ahead is not None and accepted < len(drafts):
+                # The chain drafted ahead assumed every step here passes: drop it (the rewind below covers it).
+                counts.drafted += len(ahead.drafts)
+                counts.rejected += len(ahead.drafts)
+                counts.wasted_tokens += sum(len(d.tokens) for d in ahead.drafts)
+                ahead = None
             # 3a. Accept the prefix: both caches already hold it.
             for d, score in zip(drafts[:accepted], scores[:accepted], strict=True):
                 commit(tokens=d.tokens, text=d.text, author="speculator", reused=0, out_finish=d.finish,
@@ -138,4 +187,5 @@ def run_lookahead(run: Run) -> RunResult:
                out_finish=out_finish, candidates=[rejected] if rejected is not None else [])
     result = run.result(strategy="stepwise", traj=traj, steps=steps, seconds=time.perf_counter() - start)
     result.drafts = counts
+    assert ahead is None  # a chain that ends the run is never drafted past (Chain.ends_run)
     return result

@@ -44,7 +44,7 @@ def _replay(detector: StepDetector, span: list[int], eos: Collection[int]) -> st
 
 def run_stepwise(run: Run) -> RunResult:
     cfg = run.config.stepwise
-    if cfg.lookahead > 1:
+    if cfg.lookahead > 1 or cfg.overlap:
         from .lookahead import run_lookahead  # lookahead.py builds on this module's helpers
 
         return run_lookahead(run)
