@@ -2,9 +2,10 @@
 
 Usage: python -m specreason_models.record [--n 1000] [--out models/builtin/accuracy.json]
 
-Records, per role: greedy exact-solve accuracy on the first ``n`` held-out problems and on the first 200 (the
-subset tests/test_models_builtin.py re-checks), the parameter count and the training metadata; plus the
-decode-time proxies of specreason_models.timing.
+Records, per role: greedy exact-solve accuracy on the first ``n`` held-out problems, by chain length and on the
+first 200 (the subset tests/test_models_builtin.py re-checks), the parameter count and the training metadata;
+plus the decode-time proxies of specreason_models.timing. The first pair (task v1, 2-3 steps) is recorded in
+builtin/accuracy-v1.json.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import BUILTIN_DIR, BUILTIN_NAMES, builtin_path
-from .evaluate import accuracy, load
+from .evaluate import accuracy, accuracy_by_length, load
 from .task import TaskConfig, heldout_split
 from .timing import measure
 
@@ -47,18 +48,22 @@ def main(argv: list[str] | None = None) -> None:
     for name in BUILTIN_NAMES:
         model, tok = load(builtin_path(name))
         start = time.perf_counter()
-        acc = accuracy(model=model, tok=tok, problems=problems)
+        table = accuracy_by_length(model=model, tok=tok, problems=problems)
+        acc = sum(solved for solved, _ in table.values()) / len(problems)
         seconds = time.perf_counter() - start
         training = json.loads((builtin_path(name) / "training.json").read_text())
         report[name] = {
             "heldout_accuracy": acc,
             "n": args.n,
             f"heldout_accuracy_first_{TEST_SUBSET}": accuracy(model=model, tok=tok, problems=problems[:TEST_SUBSET]),
+            "by_length": {str(k): {"accuracy": round(solved / total, 4), "n": total}
+                          for k, (solved, total) in table.items()},
             "eval_seconds": round(seconds, 1),
             "parameters": training["parameters"],
             "train_seconds": training["train_seconds"],
             "train_steps": training["preset"]["steps"],
             "seed": training["seed"],
+            "training": training,
         }
         print(name, json.dumps(report[name]), flush=True)
     report["seed"] = report["verifier"]["seed"]

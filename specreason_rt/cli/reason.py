@@ -178,16 +178,19 @@ def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonCo
     for strategy in args.strategy:
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
-        if strategy == "stepwise" and (args.thresholds or args.lookaheads):
-            # One row per (threshold, lookahead) pair; a sweep axis not given keeps the configured value.
+        overlaps = {"both": [False, True], "on": [True]}.get(args.overlap, [None])
+        if strategy == "stepwise" and (args.thresholds or args.lookaheads or args.overlap != "off"):
+            # One row per (threshold, lookahead, overlap); a sweep axis not given keeps the configured value.
             for t in args.thresholds or [None]:
                 for k in args.lookaheads or [None]:
-                    parts = ([f"threshold={t:g}"] if t is not None else []) + \
-                        ([f"lookahead={k}"] if k is not None else [])
-                    over = {**base, **({"stepwise.threshold": t} if t is not None else {}),
-                            **({"stepwise.lookahead": k} if k is not None else {})}
-                    configs[f"stepwise({','.join(parts)})"] = make_config(strategy=strategy, preset=args.preset,
-                                                                         **over)
+                    for o in overlaps:
+                        parts = ([f"threshold={t:g}"] if t is not None else []) + \
+                            ([f"lookahead={k}"] if k is not None else []) + (["overlap"] if o else [])
+                        over = {**base, **({"stepwise.threshold": t} if t is not None else {}),
+                                **({"stepwise.lookahead": k} if k is not None else {}),
+                                **({"stepwise.overlap": o} if o is not None else {})}
+                        name = f"stepwise({','.join(parts)})" if parts else "stepwise"
+                        configs[name] = make_config(strategy=strategy, preset=args.preset, **over)
         else:
             configs[strategy] = make_config(strategy=strategy, preset=args.preset, **base)
     return configs
@@ -295,6 +298,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--lookaheads", type=int, nargs="+", metavar="L",
                     help="run stepwise once per lookahead (steps drafted per verifier pass), e.g. --lookaheads 1 4; "
                          "with --thresholds, once per pair")
+    ev.add_argument("--overlap", choices=["off", "on", "both"], default="off",
+                    help="stepwise: pipeline the speculator's next chain with the verifier's scoring (on), or run "
+                         "each stepwise row both ways (both); default off")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N problems")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
     ev.add_argument("--plot", metavar="FILE.png", help="write accuracy vs latency per strategy as a PNG")
