@@ -5,7 +5,7 @@ Usage: python -m specreason_models.record [--n 1000] [--out models/builtin/accur
 Records, per role: greedy exact-solve accuracy on the first ``n`` held-out problems, by chain length and on the
 first 200 (the subset tests/test_models_builtin.py re-checks), the parameter count and the training metadata;
 plus the decode-time proxies of specreason_models.timing. The first pair (task v1, 2-3 steps) is recorded in
-builtin/accuracy-v1.json.
+models/builtin-v1/accuracy.json (its weights: models/builtin-v1/, the v2 recipe's starting point).
 """
 
 from __future__ import annotations
@@ -25,8 +25,16 @@ from .timing import measure
 TEST_SUBSET = 200
 
 COMMANDS = {
-    "train": "python -m specreason_models.train --out models/builtin --seed 0 --role both",
+    # v2 recipe: fine-tunes the v1 pair (models/builtin-v1/) on 2-12 step chains with a curriculum, one thread each
+    "train_verifier": "python -m specreason_models.train --out models/builtin --role verifier "
+                      "--init models/builtin-v1 --seed 0 --steps 1300 --batch 32 --lr 7e-4 --threads 1 "
+                      "--max-ops 12 --curriculum-start 4 --ramp 0.3 --eval-every 650 --eval-n 165",
+    "train_speculator": "python -m specreason_models.train --out models/builtin --role speculator "
+                        "--init models/builtin-v1 --seed 0 --steps 800 --batch 64 --lr 1e-3 --threads 1 "
+                        "--max-ops 12 --curriculum-start 4 --ramp 0.3",
     "evaluate": "python -m specreason_models.evaluate --model models/builtin/verifier --n 1000",
+    "value_head": "python -m specreason_models.value_head --out models/builtin/verifier --seed 0 --synthetic 6000 "
+                  "--sampled 6000 --heldout 1000 --threads 1",
     "timing": "python -m specreason_models.timing",
     "record": "python -m specreason_models.record --n 1000",
 }
