@@ -353,11 +353,40 @@ def figure(report: dict[str, Any], *, title: str = "") -> tuple[Any, list[Any]]:
     return fig, labels
 
 
-def plot(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
-    """figure() as a PNG at `path`, written whole or not at all."""
+def figure_by_length(report: dict[str, Any]) -> Any:
+    """Accuracy vs mean latency by problem length: one line per strategy through its per-length points
+    (shortest to longest), each point marked with its length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("the plot needs matplotlib: pip install 'specreason-rt[plot]'") from None
+    if "by_length" not in report:
+        raise ConfigError("a plot by length needs problems with a length field ('steps' or 'length')")
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    lengths = list(report["by_length"])
+    for i, name in enumerate(report["strategies"]):
+        xs = [report["by_length"][k][name]["latency_mean_s"] * 1e3 for k in lengths]  # [lengths] ms
+        ys = [report["by_length"][k][name]["accuracy"] * 100 for k in lengths]  # [lengths] %
+        ax.plot(xs, ys, "-o", ms=3, lw=1, color=f"C{i % 10}", label=name)
+        for k, x, y in zip(lengths, xs, ys, strict=True):
+            ax.annotate(k, (x, y), xytext=(2, 2), textcoords="offset points", fontsize=6, color=f"C{i % 10}")
+    ax.set_xlabel("mean latency per problem (ms)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"accuracy vs latency by length (steps), {report['problems']} problems")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot(report: dict[str, Any], path: str | Path, *, title: str = "", by_length: bool = False) -> Path:
+    """figure() (or figure_by_length()) as a PNG at `path`, written whole or not at all."""
     import matplotlib.pyplot as plt
 
-    fig, _ = figure(report, title=title)
+    fig = figure_by_length(report) if by_length else figure(report, title=title)[0]
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=120)

@@ -71,8 +71,10 @@ def test_eval_lookahead_sweep_accounting_and_by_length(builtin_bundle: Path, tmp
     problems.write_text("".join(json.dumps({"question": q, "answer": a, "steps": n}) + "\n" for q, a, n in rows))
     args = ["eval", "--bundle", str(builtin_bundle), "--problems", str(problems), "--strategy", "verifier",
             "stepwise", "--lookaheads", "1", "3", "--overlap", "both", "--threads", "1"]
-    table = run(*args)
+    figure = tmp_path / "by-length.png"
+    table = run(*args, "--plot-by-length", str(figure))
     assert table.returncode == 0, table.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("stepwise(lookahead=1)", "stepwise(lookahead=3)", "stepwise(lookahead=3,overlap)"):
         assert name in table.stdout
     assert "by length: accuracy / speedup vs verifier" in table.stdout and "wasted" in table.stdout

@@ -205,6 +205,10 @@ def _eval(args: argparse.Namespace) -> int:
     records_path = check_output_file(args.records, flag="--records") if args.records else None
     if args.plot:
         _check_plot(args.plot)
+    if args.plot_by_length:
+        _check_plot(args.plot_by_length)
+        if not any("length" in p for p in problems):
+            raise ConfigError("--plot-by-length needs problems with a length field ('steps' or 'length')")
     configs = _sweep(args, _overrides(args))
     if args.baseline is not None and args.baseline not in configs:
         raise ConfigError(f"--baseline {args.baseline!r} is not one of the strategies run: {', '.join(configs)}")
@@ -227,6 +231,8 @@ def _eval(args: argparse.Namespace) -> int:
         _write_atomic(records_path, "".join(json.dumps(r) + "\n" for r in records), flag="--records")
     if args.plot:
         plot(report, args.plot)
+    if args.plot_by_length:
+        plot(report, args.plot_by_length, by_length=True)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -304,6 +310,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N problems")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
     ev.add_argument("--plot", metavar="FILE.png", help="write accuracy vs latency per strategy as a PNG")
+    ev.add_argument("--plot-by-length", metavar="FILE.png",
+                    help="write accuracy vs latency by problem length (one line per strategy) as a PNG")
     ev.add_argument("--records", metavar="FILE.jsonl", help="write every run's result and trace, one per line")
     _common(ev)
     ev.set_defaults(func=_eval)
