@@ -77,3 +77,19 @@ def test_training_is_reproducible_by_seed():
     _, a = train_model(p=p, seed=1, steps=5, log=lambda _: None)
     _, b = train_model(p=p, seed=1, steps=5, log=lambda _: None)
     assert a == b
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_given_weights_with_a_curriculum(tmp_path):
+    """The v2 recipe's shape: weights from a trained folder (--init), chains growing from short to long."""
+    from specreason_models.train import curriculum, save_model
+
+    torch.set_num_threads(1)
+    p = preset("tiny")
+    model, losses = train_model(p=p, seed=0, steps=60, curriculum_start=2, ramp_fraction=0.5, log=lambda _: None)
+    save_model(model=model, out_dir=tmp_path / "tiny", meta={"role": "tiny"})
+    _, again = train_model(p=p, seed=0, steps=3, init=tmp_path / "tiny", log=lambda _: None)
+    _, scratch = train_model(p=p, seed=0, steps=3, log=lambda _: None)
+    assert again[0] < 0.8 * scratch[0]  # it starts where the first run left off, not from random weights
+    grow = curriculum(start=4, top=12, ramp_steps=100)
+    assert [grow(b) for b in (0, 50, 100, 500)] == [4, 8, 12, 12]
