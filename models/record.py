@@ -29,12 +29,16 @@ COMMANDS = {
     "train_verifier": "python -m specreason_models.train --out models/builtin --role verifier "
                       "--init models/builtin-v1 --seed 0 --steps 1300 --batch 32 --lr 7e-4 --threads 1 "
                       "--max-ops 12 --curriculum-start 4 --ramp 0.3 --eval-every 650 --eval-n 165",
+    # stage 2: the stage-1 verifier, 450 more steps on uniform 2-12 chains (fresh data: seed 1)
+    "train_verifier_stage2": "python -m specreason_models.train --out models/builtin --role verifier "
+                             "--init models/builtin --seed 1 --steps 450 --batch 32 --lr 5e-4 --threads 1 "
+                             "--max-ops 12 --eval-every 450 --eval-n 330",
     "train_speculator": "python -m specreason_models.train --out models/builtin --role speculator "
                         "--init models/builtin-v1 --seed 0 --steps 800 --batch 64 --lr 1e-3 --threads 1 "
                         "--max-ops 12 --curriculum-start 4 --ramp 0.3",
     "evaluate": "python -m specreason_models.evaluate --model models/builtin/verifier --n 1000",
-    "value_head": "python -m specreason_models.value_head --out models/builtin/verifier --seed 0 --synthetic 6000 "
-                  "--sampled 6000 --heldout 1000 --threads 1",
+    "value_head": "python -m specreason_models.value_head --out models/builtin/verifier --seed 0 --synthetic 4000 "
+                  "--sampled 4000 --heldout 1000 --threads 1",
     "timing": "python -m specreason_models.timing",
     "record": "python -m specreason_models.record --n 1000",
 }
