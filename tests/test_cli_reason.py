@@ -191,8 +191,10 @@ def test_eval_reads_common_field_names_and_names_its_baseline(builtin_bundle: Pa
     args = ["eval", "--bundle", str(builtin_bundle), "--strategy", "speculator", "verifier", "--threads", "1"]
     res = run(*args, "--problems", str(gsm))
     assert res.returncode == 0, res.stderr
-    head, _, *rows, note = res.stdout.splitlines()
+    main, accounting = res.stdout.split("\n\n")[:2]  # the strategies table, then the per-problem accounting
+    head, _, *rows, note = main.splitlines()
     assert head.split()[8:10] == ["vs", "verifier"] and len(rows) == 2
+    assert accounting.splitlines()[0].split()[:3] == ["per", "problem", "drafted"]
     assert note == ("vs verifier: speedup = mean latency of verifier / mean latency of the row "
                     "(above 1: faster than verifier)")
     assert rows[1].split()[:2] == ["verifier", "1.000"] and rows[1].split()[5] == "1.00x"
