@@ -43,7 +43,7 @@ PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64, lr=3e-3, steps=80, batch=16),
 }
 
-MAX_POSITIONS = 256  # longest prompt + solution is under 100 tokens; the runtime may add a judge prompt
+MAX_POSITIONS = 512  # longest v2 prompt + solution is ~215 tokens; the runtime may add a judge prompt
 
 
 def preset(name: str) -> ModelPreset:

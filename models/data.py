@@ -44,3 +44,11 @@ def batches(
     """Consecutive batches from a seeded stream: the data order is a pure function of the seed."""
     while True:
         yield collate(tok=tok, problems=[next(stream) for _ in range(batch)])
+
+
+def problem_batches(
+    *, tok: Tokenizer, problems: Iterator[list[Problem]]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Collated batches from a stream of problem lists (e.g. task.length_batches)."""
+    for group in problems:
+        yield collate(tok=tok, problems=group)

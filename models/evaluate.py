@@ -16,10 +16,10 @@ import torch
 from tokenizers import Tokenizer
 from transformers import LlamaForCausalLM
 
-from .task import HELDOUT_SIZE, Problem, grade, heldout_split
+from .task import HELDOUT_SIZE, Problem, grade, heldout_split, n_steps
 from .tokenizer import EOS_ID, PAD_ID, encode_prompt
 
-MAX_NEW_TOKENS = 96  # the longest solution is about 70 tokens
+MAX_NEW_TOKENS = 192  # the longest v2 solution (16 steps) is 155 tokens with EOS
 
 
 @torch.no_grad()
@@ -52,6 +52,26 @@ def greedy_solutions(*, model: LlamaForCausalLM, tok: Tokenizer, questions: list
 def accuracy(*, model: LlamaForCausalLM, tok: Tokenizer, problems: list[Problem], batch: int = 100) -> float:
     texts = greedy_solutions(model=model, tok=tok, questions=[p.question for p in problems], batch=batch)
     return sum(grade(generated=t, reference=p.answer) for t, p in zip(texts, problems, strict=True)) / len(problems)
+
+
+def accuracy_by_length(
+    *, model: LlamaForCausalLM, tok: Tokenizer, problems: list[Problem], batch: int = 100
+) -> dict[int, tuple[int, int]]:
+    """{steps: (solved, problems)} -- greedy exact-solve counts grouped by the reference's step count.
+
+    Problems are decoded in length order so a batch pads little (the longest question sets its width).
+    """
+    ordered = sorted(problems, key=n_steps)
+    texts = greedy_solutions(model=model, tok=tok, questions=[p.question for p in ordered], batch=batch)
+    table: dict[int, tuple[int, int]] = {}
+    for text, problem in zip(texts, ordered, strict=True):
+        solved, total = table.get(n_steps(problem), (0, 0))
+        table[n_steps(problem)] = (solved + grade(generated=text, reference=problem.answer), total + 1)
+    return dict(sorted(table.items()))
+
+
+def format_by_length(table: dict[int, tuple[int, int]]) -> str:
+    return " ".join(f"{k}:{s / t:.2f}" for k, (s, t) in table.items())
 
 
 def load(model_dir: str | Path) -> tuple[LlamaForCausalLM, Tokenizer]:

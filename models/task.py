@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,10 @@ _ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
 class TaskConfig:
     """Difficulty knobs of the task; the defaults are the built-in task."""
 
-    min_ops: int = 2  # operations per question (= steps per solution)
-    max_ops: int = 3
+    min_ops: int = 2  # operations per question (= steps per solution), drawn uniformly in [min_ops, max_ops]
+    # v2: reasoning-trace length, up to 12 steps (~30 to ~160 tokens); v1 stopped at 3 (TASK_V1). 12, not the
+    # issue's 16: what the verifier's fine-tune could reach on one shared CPU thread in the time there was.
+    max_ops: int = 12
     digits: int = 2  # digits of + / - operands and of every running value (values are mod 10**digits)
     mul_weight: float = 0.3  # probability that an operation is '*'
 
@@ -63,6 +65,14 @@ class TaskConfig:
     @property
     def modulus(self) -> int:
         return 10**self.digits
+
+
+def n_steps(problem: Problem) -> int:
+    """Steps in a problem's reference solution (= operations in its question)."""
+    return problem.solution.count(STEP_DELIMITER)
+
+
+TASK_V1 = TaskConfig(max_ops=3)  # the first built-in task (2-3 steps), kept for comparisons
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,34 @@ def heldout_split(*, n: int = HELDOUT_SIZE, config: TaskConfig | None = None) ->
     return problems
 
 
+def length_batches(
+    *, seed: int, batch: int, max_ops_at: Callable[[int], int], config: TaskConfig | None = None
+) -> Iterator[list[Problem]]:
+    """Endless seeded batches of training problems, all problems of a batch with the same step count.
+
+    Batch ``b`` draws its step count uniformly in ``[config.min_ops, max_ops_at(b)]`` (a curriculum when
+    ``max_ops_at`` grows). One length per batch keeps padding (wasted compute) near zero at trace length.
+    Never yields a held-out question of ``config``'s split.
+    """
+    config = config or TaskConfig()
+    excluded = {p.question for p in heldout_split(n=HELDOUT_SIZE, config=config)}
+    rng = np.random.default_rng([seed, _TRAIN_STREAM])
+    index = 0
+    b = 0
+    while True:
+        top = min(config.max_ops, max(config.min_ops, max_ops_at(b)))
+        length = int(rng.integers(config.min_ops, top + 1))
+        fixed = replace(config, min_ops=length, max_ops=length)
+        problems: list[Problem] = []
+        while len(problems) < batch:
+            problem = generate_problem(rng=rng, config=fixed, problem_id=f"train-{seed}-{index:08d}")
+            index += 1
+            if problem.question not in excluded:
+                problems.append(problem)
+        yield problems
+        b += 1
+
+
 def train_stream(*, seed: int, config: TaskConfig | None = None) -> Iterator[Problem]:
     """An endless, seeded stream of training problems that never contains a held-out question."""
     config = config or TaskConfig()
@@ -158,9 +196,12 @@ def train_stream(*, seed: int, config: TaskConfig | None = None) -> Iterator[Pro
             yield problem
 
 
-def problem_record(problem: Problem) -> dict[str, str]:
-    """The JSONL record the evaluation CLIs read: {"id", "question", "answer"}."""
-    return {"id": problem.id, "question": problem.question, "answer": problem.answer}
+def problem_record(problem: Problem) -> dict[str, str | int]:
+    """The JSONL record the evaluation CLIs read: {"id", "question", "answer", "steps"}.
+
+    ``steps`` (the reference solution's step count) is what ``specreason eval`` groups its by-length table on.
+    """
+    return {"id": problem.id, "question": problem.question, "answer": problem.answer, "steps": n_steps(problem)}
 
 
 def write_jsonl(*, problems: Iterable[Problem], path: str | Path) -> Path:

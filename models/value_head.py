@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     heldout = heldout_split(n=args.heldout)
     eval_rng = np.random.default_rng([args.seed, 8])
     report: dict[str, Any] = {
-        "recipe": {"command": COMMAND, "seed": args.seed, "synthetic": args.synthetic, "sampled": args.sampled,
+        "recipe": {"command": " ".join([COMMAND.split(" --")[0], *(argv if argv is not None else sys.argv[1:])]),
+                   "seed": args.seed, "synthetic": args.synthetic, "sampled": args.sampled,
                    "train_positives": int(y.sum()), "hidden": args.hidden, "epochs": args.epochs,
                    "optimizer": "AdamW lr 3e-3, wd 0.01, batch 256", "speculator_temperature": 0.7,
                    "threads": args.threads, "train_seconds": round(train_seconds, 1)},

@@ -82,6 +82,14 @@ class StepwiseConfig:
     # choices (read from the scoring pass's logits): they are exactly what it would write, so the output is
     # unchanged and those tokens cost no decode steps (speculative decoding inside the fallback).
     reuse_draft_prefix: bool = True
+    # Multi-step lookahead: the speculator drafts up to `lookahead` steps ahead, the verifier scores them all in
+    # one pass and keeps the longest prefix of steps that each score >= threshold (token-level speculative
+    # decoding's accept rule, at the step level); the first rejected step is rewritten by the verifier and the
+    # steps drafted after it are dropped from both caches. 1 = the paper's one step at a time.
+    lookahead: int = 1
+    # Pipeline the models (strategies/lookahead.py): the speculator drafts the next chain while the verifier
+    # scores this one, in a second thread. Pays off only with a free core per model.
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.threshold, int | float) and math.isfinite(self.threshold) and self.threshold >= 0,
@@ -91,6 +99,15 @@ class StepwiseConfig:
                f"candidates must be an integer in [1, {MAX_BRANCHES}], got {self.candidates!r}")
         _check(_is_int(self.first_n_steps_verifier) and self.first_n_steps_verifier >= 0,
                f"first_n_steps_verifier must be an integer >= 0, got {self.first_n_steps_verifier!r}")
+        _check(_is_int(self.lookahead) and 1 <= self.lookahead <= MAX_DEPTH,
+               f"lookahead must be an integer in [1, {MAX_DEPTH}] (steps drafted per verifier pass), "
+               f"got {self.lookahead!r}")
+        _check(self.lookahead == 1 or self.candidates == 1,
+               f"lookahead > 1 drafts one chain of steps: set candidates to 1 (got candidates={self.candidates}) "
+               "or lookahead to 1")
+        _check(isinstance(self.overlap, bool), f"overlap must be true or false, got {self.overlap!r}")
+        _check(not self.overlap or self.candidates == 1,
+               f"overlap drafts one chain ahead: set candidates to 1 (got candidates={self.candidates})")
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,10 @@ class ReasonConfig:
         _check(self.strategy in STRATEGIES,
                f"unknown strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
         _check(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        # The judge reads one score after the appended judge prompt: one pass cannot judge several steps.
+        _check((self.stepwise.lookahead == 1 and not self.stepwise.overlap) or self.score.mode != "judge",
+               "stepwise.lookahead > 1 and stepwise.overlap score drafted steps as one chain in one pass, which "
+               "score mode 'judge' cannot do: use score.mode 'likelihood' or 'head', or lookahead 1 without overlap")
 
     def replace(self, **changes: Any) -> ReasonConfig:
         """A copy with changes; nested fields by dotted name, e.g. replace(**{"stepwise.threshold": 5})."""

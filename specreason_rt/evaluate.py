@@ -7,6 +7,13 @@ convention is reduced to its answer (answers.reference_answer: GSM8K's "#### 72"
 Every strategy runs every problem with the same seed, one problem at a time (latency is per problem, as a user
 sees it).
 
+Problems may carry a length (a `steps` or `length` field, an integer: the built-in task writes its chains' step
+counts); then the report gains a by-length breakdown (accuracy, mean latency, speedup, acceptance per length).
+
+Per problem, each strategy's accounting (means over the problems): steps drafted / accepted / rejected by the
+verifier, wasted speculator tokens (drafted, then dropped), verifier scoring passes and all verifier forwards,
+and seconds per phase (prefill, speculate, verify, fallback, select).
+
 Accuracy counts the answer in the configured format only (what the strategies vote and stop on);
 `accuracy_lenient` also reads answers the solution gave in another way (answers.final_answer), which is what a
 chat model that ignores the format gets credit for.
@@ -31,6 +38,7 @@ from .trace import RunResult
 FIELD_NAMES = {"question": ("question", "problem", "prompt", "input"),
                "answer": ("answer", "solution", "target", "output"),
                "id": ("id", "unique_id", "idx")}
+LENGTH_FIELDS = ("steps", "length")  # an optional integer per problem: the by-length breakdown groups on it
 
 
 def parse_fields(text: str) -> dict[str, str]:
@@ -45,7 +53,7 @@ def parse_fields(text: str) -> dict[str, str]:
 
 
 def read_problems(path: str | Path, *, limit: int | None = None,
-                  fields: dict[str, str] | None = None) -> list[dict[str, str]]:
+                  fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Problems from a JSONL file; a bad line is an error naming the line and what it lacks."""
     path = Path(path)
     if limit is not None and limit < 1:
@@ -73,8 +81,15 @@ def read_problems(path: str | Path, *, limit: int | None = None,
                 raise ConfigError(f"{path}:{n}: no {k} field: each line needs one of "
                                   f"{', '.join(repr(f) for f in names[k])} (or name it: --fields question=...,"
                                   "answer=...)")
-        problems.append({"id": str(found["id"] if found["id"] is not None else n), "question": str(found["question"]),
-                         "answer": reference_answer(str(found["answer"]))})
+        problem: dict[str, Any] = {"id": str(found["id"] if found["id"] is not None else n),
+                                   "question": str(found["question"]), "answer": reference_answer(str(found["answer"]))}
+        length = next((record[f] for f in LENGTH_FIELDS if f in record), None)
+        if length is not None:
+            if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+                raise ConfigError(f"{path}:{n}: the length field ({'/'.join(LENGTH_FIELDS)}) must be an integer "
+                                  f">= 0, got {length!r}")
+            problem["length"] = length
+        problems.append(problem)
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
@@ -87,7 +102,27 @@ def lenient_answer(result: RunResult) -> str | None:
     return final_answer(result.text, fmt=fmt, cut_off=result.finish in CUT_OFF)[0]
 
 
-def summarize(results: list[RunResult], problems: list[dict[str, str]]) -> dict[str, Any]:
+def accounting(results: list[RunResult]) -> dict[str, Any]:
+    """Per problem means of where the work went (trace.DraftCounts, forwards, phase seconds)."""
+    n = len(results)
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / n, 4)
+
+    return {
+        "steps": mean([len(r.steps) for r in results]),
+        "drafted": mean([r.drafts.drafted for r in results]),
+        "accepted": mean([r.drafts.accepted for r in results]),
+        "rejected": mean([r.drafts.rejected for r in results]),
+        "wasted_speculator_tokens": mean([r.drafts.wasted_tokens for r in results]),
+        "verify_passes": mean([r.drafts.verify_passes for r in results]),
+        "verifier_forwards": mean([r.forwards["verifier"] for r in results]),
+        "speculator_forwards": mean([r.forwards["speculator"] for r in results]),
+        "phase_seconds": {k: round(sum(r.timings[k] for r in results) / n, 6) for k in results[0].timings},
+    }
+
+
+def summarize(results: list[RunResult], problems: list[dict[str, Any]]) -> dict[str, Any]:
     """The metrics of one strategy over the problems (results[i] answers problems[i])."""
     pairs = list(zip(results, problems, strict=True))
     correct = [is_correct(predicted=r.answer, reference=p["answer"]) for r, p in pairs]
@@ -111,10 +146,26 @@ def summarize(results: list[RunResult], problems: list[dict[str, str]]) -> dict[
                             if drafted else None),
         "speculator_step_share": round(sum(r.speculator_steps for r in results) / max(steps, 1), 4),
         "phase_seconds": {k: round(v, 4) for k, v in phases.items()},
+        "per_problem": accounting(results),
     }
 
 
-def evaluate(*, reasoner: Reasoner, problems: list[dict[str, str]], configs: dict[str, ReasonConfig],
+def by_length(results: dict[str, list[RunResult]], problems: list[dict[str, Any]]) -> dict[str, Any]:
+    """{length: {strategy: metrics}} over the problems that carry a length (others are left out)."""
+    lengths = sorted({p["length"] for p in problems if "length" in p})
+    out: dict[str, Any] = {}
+    for length in lengths:
+        index = [i for i, p in enumerate(problems) if p.get("length") == length]
+        rows = {}
+        for name, runs in results.items():
+            m = summarize([runs[i] for i in index], [problems[i] for i in index])
+            rows[name] = {k: m[k] for k in ("problems", "accuracy", "latency_mean_s", "acceptance_rate")}
+            rows[name]["accounting"] = m["per_problem"]
+        out[str(length)] = rows
+    return out
+
+
+def evaluate(*, reasoner: Reasoner, problems: list[dict[str, Any]], configs: dict[str, ReasonConfig],
              progress: Callable[[int, int], None] | None = None, records: list[dict] | None = None,
              ) -> dict[str, Any]:
     """Run every named config on every problem; per-config metrics. records (if given) gets one per run.
@@ -134,9 +185,13 @@ def evaluate(*, reasoner: Reasoner, problems: list[dict[str, str]], configs: dic
                                 **result.to_json()})
         if progress is not None:
             progress(i + 1, len(problems))
-    return {"problems": len(problems),
-            "strategies": {name: {"config": config.to_json(), **summarize(results[name], problems)}
-                           for name, config in configs.items()}}
+    report: dict[str, Any] = {
+        "problems": len(problems),
+        "strategies": {name: {"config": config.to_json(), **summarize(results[name], problems)}
+                       for name, config in configs.items()}}
+    if any("length" in p for p in problems):
+        report["by_length"] = by_length(results, problems)
+    return report
 
 def speedup_baseline(report: dict[str, Any], wanted: str | None = None) -> str:
     """The row speedups are relative to: `wanted`, else the verifier alone (the model SpecReason accelerates),
@@ -175,11 +230,48 @@ def table(report: dict[str, Any], *, baseline: str | None = None) -> str:
                      f"{m['solution_tokens_per_problem']:>7.1f} {accept:>7} {m['speculator_step_share']:>10.2f}")
     lines.append(f"{label}: speedup = mean latency of {base_name} / mean latency of the row "
                  f"(above 1: faster than {base_name})")
+    lines += accounting_table(report)
+    if "by_length" in report:
+        lines += length_table(report, baseline=base_name)
     for name, m in rows.items():
         if m.get("accuracy_lenient", m["accuracy"]) != m["accuracy"]:
             lines.append(f"{name}: {1 - m['answered']:.0%} of solutions lack the answer format; read leniently "
                          f"(last number, 'the answer is'), accuracy would be {m['accuracy_lenient']:.3f}")
     return "\n".join(lines)
+
+
+def accounting_table(report: dict[str, Any]) -> list[str]:
+    """Per problem: drafted / accepted / rejected steps, wasted speculator tokens, verifier passes, phase ms."""
+    rows = report["strategies"]
+    head = (f"{'per problem':<28} {'drafted':>7} {'accept':>7} {'reject':>7} {'wasted':>7} {'v.pass':>7} "
+            f"{'v.fwd':>7} {'spec ms':>8} {'verify ms':>9} {'fallbk ms':>9} {'prefill ms':>10}")
+    lines = ["", head, "-" * len(head)]
+    for name, m in rows.items():
+        a = m["per_problem"]
+        ph = a["phase_seconds"]
+        lines.append(f"{name:<28} {a['drafted']:>7.2f} {a['accepted']:>7.2f} {a['rejected']:>7.2f} "
+                     f"{a['wasted_speculator_tokens']:>7.1f} {a['verify_passes']:>7.2f} {a['verifier_forwards']:>7.1f} "
+                     f"{ph['speculate'] * 1e3:>8.2f} {ph['verify'] * 1e3:>9.2f} {ph['fallback'] * 1e3:>9.2f} "
+                     f"{ph['prefill'] * 1e3:>10.2f}")
+    lines.append("drafted/accept/reject: steps; wasted: speculator tokens dropped; v.pass: verifier scoring passes; "
+                 "v.fwd: all verifier forwards")
+    return lines
+
+
+def length_table(report: dict[str, Any], *, baseline: str) -> list[str]:
+    """By length (the problems' step count): accuracy and speedup vs the baseline, per strategy."""
+    names = list(report["strategies"])
+    head = f"{'length':>6} {'n':>5} " + " ".join(f"{name[:22]:>22}" for name in names)
+    lines = ["", f"by length: accuracy / speedup vs {baseline}", head, "-" * len(head)]
+    for length, rows in report["by_length"].items():
+        base = rows[baseline]["latency_mean_s"]
+        cells = []
+        for name in names:
+            r = rows[name]
+            speed = base / r["latency_mean_s"] if r["latency_mean_s"] > 0 else float("nan")
+            cells.append(f"{r['accuracy']:>6.3f} / {speed:>5.2f}x".rjust(22))
+        lines.append(f"{length:>6} {rows[names[0]]['problems']:>5} " + " ".join(cells))
+    return lines
 
 
 def label_box(label: Any, renderer: Any) -> Any:
@@ -261,11 +353,40 @@ def figure(report: dict[str, Any], *, title: str = "") -> tuple[Any, list[Any]]:
     return fig, labels
 
 
-def plot(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
-    """figure() as a PNG at `path`, written whole or not at all."""
+def figure_by_length(report: dict[str, Any]) -> Any:
+    """Accuracy vs mean latency by problem length: one line per strategy through its per-length points
+    (shortest to longest), each point marked with its length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("the plot needs matplotlib: pip install 'specreason-rt[plot]'") from None
+    if "by_length" not in report:
+        raise ConfigError("a plot by length needs problems with a length field ('steps' or 'length')")
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    lengths = list(report["by_length"])
+    for i, name in enumerate(report["strategies"]):
+        xs = [report["by_length"][k][name]["latency_mean_s"] * 1e3 for k in lengths]  # [lengths] ms
+        ys = [report["by_length"][k][name]["accuracy"] * 100 for k in lengths]  # [lengths] %
+        ax.plot(xs, ys, "-o", ms=3, lw=1, color=f"C{i % 10}", label=name)
+        for k, x, y in zip(lengths, xs, ys, strict=True):
+            ax.annotate(k, (x, y), xytext=(2, 2), textcoords="offset points", fontsize=6, color=f"C{i % 10}")
+    ax.set_xlabel("mean latency per problem (ms)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"accuracy vs latency by length (steps), {report['problems']} problems")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot(report: dict[str, Any], path: str | Path, *, title: str = "", by_length: bool = False) -> Path:
+    """figure() (or figure_by_length()) as a PNG at `path`, written whole or not at all."""
     import matplotlib.pyplot as plt
 
-    fig, _ = figure(report, title=title)
+    fig = figure_by_length(report) if by_length else figure(report, title=title)[0]
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=120)

@@ -158,6 +158,63 @@ class StepScorer:
         return out
 
 
+@dataclass
+class ChainScores:
+    scores: list[np.ndarray]  # per branch [steps]: each step's 0-9 score
+    rows: list[np.ndarray]  # per branch [total tokens + 1, vocab]: logits predicting each token, then the one after
+    starts: list[np.ndarray]  # per branch [steps + 1]: where each step starts in the branch's span, then its end
+
+
+def score_chains(scorer: StepScorer, ctx: Context, chains: Sequence[Sequence[Sequence[int]]]) -> ChainScores:
+    """Append chains[b] (a few consecutive steps) to verifier branch b in one prefill pass and score every step.
+
+    Multi-step lookahead: step i's score is read exactly as score_steps would read it after steps 0..i-1 were
+    committed (likelihood: its tokens' log-probs; head: the value at its last token), because a causal model's
+    logits at a token do not depend on what follows it. Spans longer than CHUNK run as consecutive passes.
+    The chains stay in the cache; truncate a branch to drop the steps it rejects. Judge mode needs one
+    judge prompt per step and is refused (config.py checks it first).
+    """
+    if scorer.config.mode == "judge":
+        raise ConfigError("score mode 'judge' cannot score several steps in one pass; use 'likelihood' or 'head'")
+    spans = [[t for step in chain for t in step] for chain in chains]
+    want_values = scorer.config.mode == "head"
+    rows: list[list[np.ndarray]] = [[] for _ in spans]
+    heads: list[list[np.ndarray]] = [[] for _ in spans]
+    for start in range(0, max(max((len(s) for s in spans), default=0), 1), CHUNK):
+        pieces = [s[start:start + CHUNK] for s in spans]
+        chunk_rows, values = ctx.extend(pieces, with_rows=True, values=want_values)
+        assert chunk_rows is not None
+        for b, piece in enumerate(pieces):
+            if not piece:
+                continue
+            # chunk_rows[b]: [len(piece) + 1, vocab]; its first row repeats the previous chunk's last one
+            rows[b].append(chunk_rows[b] if not rows[b] else chunk_rows[b][1:])
+            if values is not None:
+                heads[b].append(values[b])
+        if start == 0:
+            for b, piece in enumerate(pieces):
+                if not piece:  # an empty chain: the branch's current row only
+                    rows[b].append(chunk_rows[b][:1])
+    out_scores, out_rows, out_starts = [], [], []
+    for b, chain in enumerate(chains):
+        branch_rows = np.concatenate(rows[b])  # [len(spans[b]) + 1, vocab]
+        starts = np.concatenate([[0], np.cumsum([len(step) for step in chain])]).astype(np.int64)  # [steps + 1]
+        value = np.concatenate(heads[b]) if heads[b] else np.zeros(0, np.float32)  # [len(spans[b])] (head mode)
+        scores = np.zeros(len(chain))
+        if len(spans[b]):
+            logp = log_softmax(branch_rows[:-1])[np.arange(len(spans[b])), spans[b]]  # [len(spans[b])]
+        for i in range(len(chain)):
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            if want_values:
+                scores[i] = SCALE_MAX * float(value[hi - 1]) if hi > lo else np.nan
+            else:
+                scores[i] = scorer._from_logprobs(logp[lo:hi]) if hi > lo else 0.0
+        out_scores.append(scores)
+        out_rows.append(branch_rows)
+        out_starts.append(starts)
+    return ChainScores(scores=out_scores, rows=out_rows, starts=out_starts)
+
+
 def local_confidence(logprobs: Sequence[float]) -> float:
     """Geometric-mean probability of a trajectory's tokens under the model that sampled them, in [0, 1]."""
     return float(np.exp(np.mean(logprobs))) if len(logprobs) else 0.0

@@ -33,6 +33,26 @@ class StepTrace:
     reused_tokens: int = 0  # fallback steps: draft tokens the verifier kept (its own greedy choices)
 
 
+@dataclass
+class DraftCounts:
+    """Where the speculator's work went in one stepwise run (all counts are per run).
+
+    drafted   step positions the speculator drafted (every lookahead step; k candidates of one step count once)
+    accepted  drafted steps committed as the speculator's
+    rejected  drafted - accepted: scored below the threshold, or (lookahead) drafted after a step that was
+    wasted_tokens  speculator tokens drafted and then dropped from both caches (rejected steps, losing candidates)
+    verify_passes  verifier prefill passes that scored drafts (one per round, however many steps it scores)
+    rounds    draft-then-verify rounds (one per verifier pass; lookahead drafts several steps per round)
+    """
+
+    drafted: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    wasted_tokens: int = 0
+    verify_passes: int = 0
+    rounds: int = 0
+
+
 @dataclass(frozen=True)
 class TokenDelta:
     """New text of the step being written (token-level streaming): the verifier's tokens as it writes them, an
@@ -73,6 +93,7 @@ class RunResult:
     candidates: list[Candidate] = field(default_factory=list)  # whole trajectories (best_of_n, tree, majority)
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # strategy-specific facts (tree: nodes per level)
+    drafts: DraftCounts = field(default_factory=DraftCounts)  # stepwise: drafted / accepted / wasted work
 
     @property
     def speculator_steps(self) -> int:
@@ -81,6 +102,8 @@ class RunResult:
     @property
     def acceptance(self) -> float | None:
         """Share of drafted steps that were accepted (stepwise), None when nothing was drafted."""
+        if self.drafts.drafted:
+            return self.drafts.accepted / self.drafts.drafted
         drafted = [s for s in self.steps if s.candidates]
         if not drafted:
             return None

@@ -64,6 +64,37 @@ def test_eval_table_json_plot_and_records(builtin_bundle: Path, problems: Path, 
     assert {"latency_mean_s", "latency_p50_s", "latency_p95_s", "solution_tokens_per_problem"} <= set(verifier)
 
 
+def test_eval_lookahead_sweep_accounting_and_by_length(builtin_bundle: Path, tmp_path: Path) -> None:
+    problems = tmp_path / "p.jsonl"
+    rows = [("76-24*4", "08", 2), ("37+45*3", "46", 2), ("12+98-40", "70", 2), ("21+34*3", "65", 2),
+            ("55*7-13+20", "92", 3), ("90-91+9*2", "16", 3)]
+    problems.write_text("".join(json.dumps({"question": q, "answer": a, "steps": n}) + "\n" for q, a, n in rows))
+    args = ["eval", "--bundle", str(builtin_bundle), "--problems", str(problems), "--strategy", "verifier",
+            "stepwise", "--lookaheads", "1", "3", "--overlap", "both", "--threads", "1"]
+    figure = tmp_path / "by-length.png"
+    table = run(*args, "--plot-by-length", str(figure))
+    assert table.returncode == 0, table.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("stepwise(lookahead=1)", "stepwise(lookahead=3)", "stepwise(lookahead=3,overlap)"):
+        assert name in table.stdout
+    assert "by length: accuracy / speedup vs verifier" in table.stdout and "wasted" in table.stdout
+    report = json.loads(run(*args, "--json").stdout)
+    assert sorted(report["by_length"]) == ["2", "3"]
+    assert [report["by_length"][n]["verifier"]["problems"] for n in ("2", "3")] == [4, 2]
+    one = report["strategies"]["stepwise(lookahead=1)"]["per_problem"]
+    three = report["strategies"]["stepwise(lookahead=3)"]["per_problem"]
+    assert one["drafted"] == one["accepted"] + one["rejected"] > 0
+    assert three["verify_passes"] < three["drafted"]  # several steps scored per verifier pass
+    assert one["verify_passes"] == one["drafted"]
+    assert set(one["phase_seconds"]) == {"prefill", "speculate", "verify", "fallback", "select"}
+    verifier = report["strategies"]["verifier"]["per_problem"]
+    assert verifier["drafted"] == 0 and verifier["verifier_forwards"] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1", "answer": "2", "steps": "two"}) + "\n")
+    res = run("eval", "--bundle", str(builtin_bundle), "--problems", str(bad))
+    assert res.returncode != 0 and "must be an integer >= 0" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_bad_inputs_give_one_line(builtin_bundle: Path, problems: Path, tmp_path: Path) -> None:
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"id": 1, "question": "1+1", "answer": "2"}\n{"id": 2, "question": "3+4"\n')
@@ -160,8 +191,10 @@ def test_eval_reads_common_field_names_and_names_its_baseline(builtin_bundle: Pa
     args = ["eval", "--bundle", str(builtin_bundle), "--strategy", "speculator", "verifier", "--threads", "1"]
     res = run(*args, "--problems", str(gsm))
     assert res.returncode == 0, res.stderr
-    head, _, *rows, note = res.stdout.splitlines()
+    main, accounting = res.stdout.split("\n\n")[:2]  # the strategies table, then the per-problem accounting
+    head, _, *rows, note = main.splitlines()
     assert head.split()[8:10] == ["vs", "verifier"] and len(rows) == 2
+    assert accounting.splitlines()[0].split()[:3] == ["per", "problem", "drafted"]
     assert note == ("vs verifier: speedup = mean latency of verifier / mean latency of the row "
                     "(above 1: faster than verifier)")
     assert rows[1].split()[:2] == ["verifier", "1.000"] and rows[1].split()[5] == "1.00x"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,12 +13,15 @@ from specreason_models import BUILTIN_NAMES, builtin_path
 from specreason_models.task import (
     HELDOUT_SIZE,
     STEP_DELIMITER,
+    TASK_V1,
     TaskConfig,
     extract_answer,
     format_prompt,
     generate_problem,
     grade,
     heldout_split,
+    length_batches,
+    n_steps,
     read_jsonl,
     train_stream,
     write_heldout_jsonl,
@@ -53,7 +57,7 @@ def test_solution_steps_are_delimited_and_correct():
     for p in heldout_split(n=200):
         *steps, answer_line = p.solution.split(STEP_DELIMITER)
         assert answer_line == f"Answer: {p.answer}"
-        assert 2 <= len(steps) <= 3
+        assert 2 <= len(steps) <= 12 and n_steps(p) == len(steps)
         value = int(steps[0][:2])
         assert p.question.startswith(steps[0][:2])
         for step in steps:
@@ -63,7 +67,29 @@ def test_solution_steps_are_delimited_and_correct():
             value = {"+": x + y, "-": x - y, "*": x * y}[op] % 100
             assert int(rhs) == value and len(rhs) == 2
         assert int(p.answer) == value
-        assert len(format_prompt(p.question)) + len(p.solution) <= 100
+        assert len(format_prompt(p.question)) + len(p.solution) <= 176
+
+
+def test_heldout_split_covers_every_length():
+    counts = Counter(n_steps(p) for p in heldout_split())
+    assert sorted(counts) == list(range(2, 13))
+    assert min(counts.values()) >= 150  # about 180 each: a by-length table has a usable sample per row
+    v1 = Counter(n_steps(p) for p in heldout_split(n=300, config=TASK_V1))
+    assert sorted(v1) == [2, 3]
+
+
+def test_length_batches_hold_one_length_and_follow_the_curriculum():
+    heldout = {p.question for p in heldout_split()}
+    top = [3, 3, 5, 8, 12, 12]  # longest chain allowed at batch b
+    batches = list(itertools.islice(length_batches(seed=0, batch=8, max_ops_at=lambda b: top[min(b, 5)]), 60))
+    for b, group in enumerate(batches):
+        lengths = {n_steps(p) for p in group}
+        assert len(group) == 8 and len(lengths) == 1
+        assert 2 <= lengths.pop() <= top[min(b, 5)]
+        assert not {p.question for p in group} & heldout
+    assert max(n_steps(g[0]) for g in batches) > 8  # the long end is reached
+    again = list(itertools.islice(length_batches(seed=0, batch=8, max_ops_at=lambda b: top[min(b, 5)]), 60))
+    assert again == batches
 
 
 def test_hand_worked_problem():
@@ -99,7 +125,8 @@ def test_extract_answer():
 def test_heldout_jsonl_roundtrip(tmp_path):
     path = write_heldout_jsonl(path=tmp_path / "heldout.jsonl", n=5)
     records = read_jsonl(path)
-    assert [set(r) for r in records] == [{"id", "question", "answer"}] * 5
+    assert [set(r) for r in records] == [{"id", "question", "answer", "steps"}] * 5
+    assert [r["steps"] for r in records] == [n_steps(p) for p in heldout_split(n=5)]
     assert [r["question"] for r in records] == [p.question for p in heldout_split(n=5)]
 
 

@@ -57,10 +57,11 @@ def test_chat_matches_the_in_process_api(client: openai.OpenAI, builtin_bundle: 
 
 
 def test_completions_and_options(client: openai.OpenAI, builtin_bundle: Path) -> None:
-    # A completion continues the raw prompt (no chat template).
+    # A completion continues the raw prompt (no chat template); without the "Q: " prompt the built-in pair writes
+    # until the budget, so both runs get the same one.
     alone = Reasoner(builtin_bundle).run(Prompt.text("76-24*4"), make_config(
-        strategy="best_of_n", preset="efficient", seed=2, **{"search.n_specs": 3}))
-    out = client.completions.create(model="specreason", prompt="76-24*4", seed=2,
+        strategy="best_of_n", preset="efficient", seed=2, **{"search.n_specs": 3, "limits.max_tokens": 64}))
+    out = client.completions.create(model="specreason", prompt="76-24*4", seed=2, max_tokens=64,
                                     extra_body={"strategy": "best_of_n", "preset": "efficient", "n_specs": 3})
     assert out.choices[0].text == alone.text
     assert (out.model_extra or {})["specreason"]["strategy"] == "best_of_n"

@@ -21,10 +21,12 @@ PROBLEMS = [p.question for p in heldout_split(n=24)]
 
 
 def config(i: int, temperature: float = 0.7) -> ReasonConfig:
-    # Per-lane settings that may differ inside one batch: seed, threshold, token budget, first verifier steps.
+    # Per-lane settings that may differ inside one batch: seed, threshold, token budget, first verifier steps,
+    # lookahead (steps drafted per verifier pass).
     return make_config(strategy="stepwise", seed=i, **{
         "speculator.temperature": temperature, "stepwise.threshold": [5, 7, 8.9, 10][i % 4],
-        "limits.max_tokens": [512, 20][i % 5 == 4], "stepwise.first_n_steps_verifier": int(i % 6 == 5)})
+        "limits.max_tokens": [512, 20][i % 5 == 4], "stepwise.first_n_steps_verifier": int(i % 6 == 5),
+        "stepwise.lookahead": [1, 3, 1, 2, 4, 1, 6][i % 7]})
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def test_lanes_joining_and_leaving_give_each_run_alone(builtin_bundle: Path, alo
         assert [s.author for s in result.steps] == [s.author for s in alone[i].steps]
         assert [s.reused_tokens for s in result.steps] == [s.reused_tokens for s in alone[i].steps]
         assert result.tokens == alone[i].tokens
+        assert result.drafts == alone[i].drafts
     # The sharing is real: far fewer batched ticks (each a handful of forwards for all lanes) than steps.
     assert ticks < sum(len(r.steps) for r in alone.values()) / 3
 

@@ -230,7 +230,7 @@ def test_kv_memory_limit_and_config_bounds(builtin_bundle: Path) -> None:
         make_config(strategy="best_of_n", **{"search.n_specs": 1_000_000})
     with pytest.raises(ConfigError, match="beam_width"):
         make_config(strategy="tree", **{"search.beam_width": 1000})
-    small = Reasoner(builtin_bundle, kv_limit_bytes=2**20)  # 1 MiB per cache
+    small = Reasoner(builtin_bundle, kv_limit_bytes=2**21)  # 2 MiB per cache (one 512-token branch needs 1.5)
     with pytest.raises(CacheLimitError, match="over the limit"):
         small.run("12+34", make_config(**{"stepwise.candidates": 1000}))
     assert small.run("12+34").text  # the Reasoner is still usable

@@ -178,10 +178,19 @@ def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonCo
     for strategy in args.strategy:
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
-        if strategy == "stepwise" and args.thresholds:
-            for t in args.thresholds:
-                configs[f"stepwise(threshold={t:g})"] = make_config(
-                    strategy=strategy, preset=args.preset, **{**base, "stepwise.threshold": t})
+        overlaps = {"both": [False, True], "on": [True]}.get(args.overlap, [None])
+        if strategy == "stepwise" and (args.thresholds or args.lookaheads or args.overlap != "off"):
+            # One row per (threshold, lookahead, overlap); a sweep axis not given keeps the configured value.
+            for t in args.thresholds or [None]:
+                for k in args.lookaheads or [None]:
+                    for o in overlaps:
+                        parts = ([f"threshold={t:g}"] if t is not None else []) + \
+                            ([f"lookahead={k}"] if k is not None else []) + (["overlap"] if o else [])
+                        over = {**base, **({"stepwise.threshold": t} if t is not None else {}),
+                                **({"stepwise.lookahead": k} if k is not None else {}),
+                                **({"stepwise.overlap": o} if o is not None else {})}
+                        name = f"stepwise({','.join(parts)})" if parts else "stepwise"
+                        configs[name] = make_config(strategy=strategy, preset=args.preset, **over)
         else:
             configs[strategy] = make_config(strategy=strategy, preset=args.preset, **base)
     return configs
@@ -196,6 +205,10 @@ def _eval(args: argparse.Namespace) -> int:
     records_path = check_output_file(args.records, flag="--records") if args.records else None
     if args.plot:
         _check_plot(args.plot)
+    if args.plot_by_length:
+        _check_plot(args.plot_by_length)
+        if not any("length" in p for p in problems):
+            raise ConfigError("--plot-by-length needs problems with a length field ('steps' or 'length')")
     configs = _sweep(args, _overrides(args))
     if args.baseline is not None and args.baseline not in configs:
         raise ConfigError(f"--baseline {args.baseline!r} is not one of the strategies run: {', '.join(configs)}")
@@ -218,6 +231,8 @@ def _eval(args: argparse.Namespace) -> int:
         _write_atomic(records_path, "".join(json.dumps(r) + "\n" for r in records), flag="--records")
     if args.plot:
         plot(report, args.plot)
+    if args.plot_by_length:
+        plot(report, args.plot_by_length, by_length=True)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -269,7 +284,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="accuracy and latency of strategies on a JSONL problem set",
                         description="Run each strategy on every problem of FILE.jsonl (lines of {\"id\", "
                         "\"question\", \"answer\"}, or see --fields) and print accuracy, mean/p50/p95 latency, "
-                        "speedup, tokens, acceptance rate and the speculator's share of steps. The built-in task's "
+                        "speedup, tokens, acceptance rate and the speculator's share of steps, then per problem the "
+                        "steps drafted, accepted and rejected, wasted speculator tokens, verifier passes and time per "
+                        "phase, and, when problems carry a length (a 'steps' or 'length' field), accuracy and speedup "
+                        "by length. The built-in task's "
                         "held-out split: python -m specreason_models.task --heldout FILE.")
     ev.add_argument("--problems", required=True, metavar="FILE.jsonl",
                     help="one JSON object per line; question and answer are read from question/answer, "
@@ -283,9 +301,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     metavar="S", help=f"strategies to compare (from {', '.join(STRATEGIES)})")
     ev.add_argument("--thresholds", type=float, nargs="+", metavar="T",
                     help="run stepwise once per threshold (a sweep), e.g. --thresholds 3 5 7 9")
+    ev.add_argument("--lookaheads", type=int, nargs="+", metavar="L",
+                    help="run stepwise once per lookahead (steps drafted per verifier pass), e.g. --lookaheads 1 4; "
+                         "with --thresholds, once per pair")
+    ev.add_argument("--overlap", choices=["off", "on", "both"], default="off",
+                    help="stepwise: pipeline the speculator's next chain with the verifier's scoring (on), or run "
+                         "each stepwise row both ways (both); default off")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N problems")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
     ev.add_argument("--plot", metavar="FILE.png", help="write accuracy vs latency per strategy as a PNG")
+    ev.add_argument("--plot-by-length", metavar="FILE.png",
+                    help="write accuracy vs latency by problem length (one line per strategy) as a PNG")
     ev.add_argument("--records", metavar="FILE.jsonl", help="write every run's result and trace, one per line")
     _common(ev)
     ev.set_defaults(func=_eval)

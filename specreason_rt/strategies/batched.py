@@ -3,16 +3,20 @@
 A `StepwiseBatch` holds one speculator context and one verifier context whose branches are the requests
 ("lanes"). Each `tick` runs one step of the paper's loop (stepwise.py) for every lane together:
 
-  1. one batched decode drafts the next step of every lane that drafts (per-lane RNG streams and budgets);
-  2. one verifier prefill pass scores all drafts (lanes without a draft feed nothing);
-  3. per lane, accept, or drop the draft from both caches (truncate) and keep the draft prefix the verifier
-     agrees with; one batched decode lets the verifier write the steps of every falling-back lane.
+  1. batched decodes draft the next step(s) of every lane that drafts (per-lane RNG streams and budgets; one
+     decode per step position, up to each lane's stepwise.lookahead steps);
+  2. one verifier prefill pass scores all drafted steps (lanes without a draft feed nothing);
+  3. per lane, accept the longest prefix of steps that pass, drop the rest from both caches (truncate) and keep
+     the first rejected draft's prefix the verifier agrees with; one batched decode lets the verifier write the
+     steps of every falling-back lane.
 
 Lanes join between ticks (their prompts are prefilled, then their cache rows appended: continuous batching)
 and leave when they finish (their rows are dropped). A lane gives the same steps as `run_stepwise` of the same
 problem and seed alone, up to float rounding in the batched forwards (tested). Lanes of one batch share the
 scoring config and both models' sampling params (`batch_key`); thresholds, token limits, stop rules and
-seeds are per lane. Only one draft per step (stepwise.candidates == 1) is batched this way.
+seeds are per lane, and so is stepwise.lookahead (a lane drafts up to its L steps per tick; lanes that stop
+drafting sit out the remaining batched decodes of that tick). Only one draft per step (stepwise.candidates == 1)
+is batched this way.
 """
 
 from __future__ import annotations
@@ -22,19 +26,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..bundle import Bundle
 from ..config import ReasonConfig
 from ..context import Context
+from ..decode import BranchOutput
+from ..scoring import ChainScores, score_chains
 from ..tokenizer import StepDetector
-from ..trace import Candidate, RunResult, StepTrace
+from ..trace import Candidate, DraftCounts, RunResult, StepTrace
 from .common import Run, StepStream, Trajectory
+from .lookahead import accepted_prefix
 from .stepwise import _greedy_prefix, _replay
 
 
 def batch_key(config: ReasonConfig) -> tuple[Any, ...] | None:
     """Configs with equal keys can share a batch; None: this config is not batched (run it alone)."""
-    if config.strategy != "stepwise" or config.stepwise.candidates != 1:
-        return None
+    if config.strategy != "stepwise" or config.stepwise.candidates != 1 or config.stepwise.overlap:
+        return None  # overlap pipelines one run's two models in two threads: it runs alone
     return (config.score, config.speculator, config.verifier)
 
 
@@ -46,6 +55,7 @@ class Lane:
     steps: list[StepTrace] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
     forwards_at_join: tuple[int, int] = (0, 0)  # the batch contexts' forward counts when the lane joined
+    counts: DraftCounts = field(default_factory=DraftCounts)
 
 
 class StepwiseBatch:
@@ -92,7 +102,11 @@ class StepwiseBatch:
         self.lanes += [Lane(run=run, done=done, forwards_at_join=joined) for run, done in items]
 
     def tick(self) -> None:
-        """One step for every lane; finished (or failed) lanes report through their `done` and leave."""
+        """One round for every lane; finished (or failed) lanes report through their `done` and leave.
+
+        A lane with stepwise.lookahead = L drafts up to L steps this round (lookahead.py's rule, per lane): one
+        batched speculator decode per drafted step position, one verifier pass scores every lane's chain.
+        """
         assert self.spec is not None and self.ver is not None
         spec, ver, lanes = self.spec, self.ver, self.lanes
         n = len(lanes)
@@ -106,48 +120,68 @@ class StepwiseBatch:
                     lane.run.cancel.check()
             except BaseException as e:  # noqa: BLE001 - a cancelled lane fails alone
                 failed[i] = e
-        budgets = [lane.run.step_budget(lane.traj.tokens) for lane in lanes]
         drafting = [i not in failed and len(lane.traj.steps) >= lane.run.config.stepwise.first_n_steps_verifier
                     for i, lane in enumerate(lanes)]
-        spec.flush()
-        spec_len, spec_logits = [spec.length(i) for i in range(n)], spec.logits.copy()
         ver_len = [ver.length(i) for i in range(n)]
-        # 1. Speculate: one batched decode for every drafting lane.
-        spans: list[list[int]] = [[] for _ in range(n)]
-        drafts = None
-        scored = None
+        # 1. Speculate: per step position, one batched decode for every lane still drafting its chain.
+        drafts: list[list[BranchOutput]] = [[] for _ in range(n)]
+        marks: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]  # spec state before each draft
+        sims = [Trajectory(steps=list(lane.traj.steps), texts=list(lane.traj.texts)) for lane in lanes]
+        active = list(drafting)
         started = time.perf_counter()
-        if any(drafting):
-            drafts = spec.decode_steps(params=first.params["speculator"],
-                                       rng=[ln.run.rng["speculator"] for ln in lanes], max_tokens=budgets,
-                                       active=drafting)
-            spans = [first.convert(d.tokens, src="speculator", dst="verifier") if drafting[i] else []
-                     for i, d in enumerate(drafts)]
-            for lane, d in zip(lanes, drafts, strict=True):
+        position = 0
+        while any(active):
+            spec.flush()  # the decode would feed the pending tokens first anyway; now logits are the rewind rows
+            for i in range(n):
+                if active[i]:
+                    marks[i].append((spec.length(i), spec.logits[i].copy()))
+            step_outs = spec.decode_steps(params=first.params["speculator"],
+                                          rng=[ln.run.rng["speculator"] for ln in lanes],
+                                          max_tokens=[max(ln.run.step_budget(sims[i].tokens), 1)
+                                                      for i, ln in enumerate(lanes)], active=active)
+            position += 1
+            for i, lane in enumerate(lanes):
+                if not active[i]:
+                    continue
+                d = step_outs[i]
+                drafts[i].append(d)
                 lane.run.tokens["speculator"] += len(d.tokens)
+                sims[i].steps.append(list(d.tokens))
+                sims[i].texts.append(d.text)
+                if position >= lane.run.config.stepwise.lookahead or \
+                        lane.run.finish_after_step(traj=sims[i], out_finish=d.finish, max_steps=None):
+                    active[i] = False
+        spans = [[first.convert(d.tokens, src="speculator", dst="verifier") for d in drafts[i]] for i in range(n)]
         speculated = time.perf_counter()
-        # 2. Verify: one prefill pass over every draft.
+        # 2. Verify: one prefill pass over every lane's drafted steps.
+        chain = None
         if any(drafting):
-            scored = first.scorer.score_steps(ver, spans)
+            chain = _score(first, ver, spans)
         verified = time.perf_counter()
-        # 3. Accept or fall back, per lane; the verifier writes all fallback steps in one batched decode.
-        accepted = [bool(drafting[i] and scored is not None and scored.scores[i] >= lane.run.config.stepwise.threshold)
-                    for i, lane in enumerate(lanes)]
-        writes = [i not in failed and not accepted[i] for i in range(n)]
+        # 3. Per lane, keep the longest passing prefix; drop the first rejected step and what follows from both
+        # caches, keeping the draft prefix the verifier agrees with; one batched decode writes every fallback.
+        accepted = [accepted_prefix(chain.scores[i], threshold=lane.run.config.stepwise.threshold)
+                    if drafting[i] and chain is not None else 0 for i, lane in enumerate(lanes)]
+        writes = [i not in failed and (not drafting[i] or accepted[i] < len(drafts[i])) for i in range(n)]
         reuse: list[list[int]] = [[] for _ in range(n)]
         detectors = [StepDetector(tokenizer=v_tok) for _ in range(n)]
         complete = [""] * n  # "step" / "eos" where the reused prefix already is the whole step
+        budgets = [max(lane.run.step_budget(lane.traj.tokens + sum(len(d.tokens) for d in drafts[i][:accepted[i]])), 1)
+                   for i, lane in enumerate(lanes)]
         for i, lane in enumerate(lanes):
             if not writes[i] or not drafting[i]:
                 continue
-            assert scored is not None
+            assert chain is not None
+            a, span = accepted[i], spans[i][accepted[i]]
+            offset, rows = int(chain.starts[i][a]), chain.rows[i]
             cfg, v_params = lane.run.config.stepwise, lane.run.params["verifier"]
             if cfg.reuse_draft_prefix and v_params.greedy and v_params.repetition_penalty == 1.0:
-                reuse[i] = spans[i][:_greedy_prefix(scored.rows[i], spans[i])]
-            spec.truncate(i, length=spec_len[i], logits=spec_logits[i])
-            ver.truncate(i, length=ver_len[i] + len(reuse[i]), logits=scored.rows[i][len(reuse[i])])
+                reuse[i] = span[:_greedy_prefix(rows[offset:offset + len(span) + 1], span)]
+            spec_len, spec_logits = marks[i][a]
+            spec.truncate(i, length=spec_len, logits=spec_logits)
+            ver.truncate(i, length=ver_len[i] + offset + len(reuse[i]), logits=rows[offset + len(reuse[i])])
             complete[i] = _replay(detectors[i], reuse[i], eos)
-        streams = {i: StepStream(lane.run, index=len(lane.steps)) for i, lane in enumerate(lanes)
+        streams = {i: StepStream(lane.run, index=len(lane.steps) + accepted[i]) for i, lane in enumerate(lanes)
                    if writes[i] and lane.run.on_token is not None}
         for i, stream in streams.items():
             stream.push(reuse[i])
@@ -160,7 +194,7 @@ class StepwiseBatch:
                                     on_token=(lambda b, t: streams[b].push([t]) if b in streams else None)
                                     if streams else None)
         fell_back = time.perf_counter()
-        # 4. Commit each lane's step, report it, and see whether the lane is done.
+        # 4. Commit each lane's steps, report them, and see whether the lane is done.
         finished = []
         for i, lane in enumerate(lanes):
             run, traj = lane.run, lane.traj
@@ -170,31 +204,34 @@ class StepwiseBatch:
             if i in failed:
                 finished.append(i)
                 continue
-            candidates = []
+            scores = chain.scores[i] if drafting[i] and chain is not None else np.zeros(0)
             if drafting[i]:
-                assert drafts is not None and scored is not None
-                candidates = [Candidate(text=drafts[i].text, tokens=len(drafts[i].tokens),
-                                        score=round(float(scored.scores[i]), 4), accepted=bool(accepted[i]))]
-            if accepted[i]:
-                assert drafts is not None
-                tokens, text, author, out_finish = drafts[i].tokens, drafts[i].text, "speculator", drafts[i].finish
-            else:
+                c = lane.counts
+                c.rounds += 1
+                c.verify_passes += 1
+                c.drafted += len(drafts[i])
+                c.accepted += accepted[i]
+                c.rejected += len(drafts[i]) - accepted[i]
+                c.wasted_tokens += sum(len(d.tokens) for d in drafts[i][accepted[i]:])
+            for d, score in zip(drafts[i][:accepted[i]], scores[:accepted[i]], strict=True):
+                self._commit(lane, tokens=d.tokens, text=d.text, author="speculator", reused=0, out_finish=d.finish,
+                             candidates=[Candidate(text=d.text, tokens=len(d.tokens), score=round(float(score), 4),
+                                                   accepted=True)])
+            if writes[i] and not traj.finish:
+                candidates = []
+                if drafting[i]:
+                    d = drafts[i][accepted[i]]
+                    candidates = [Candidate(text=d.text, tokens=len(d.tokens),
+                                            score=round(float(scores[accepted[i]]), 4))]
                 if complete[i]:
                     tokens, out_finish = reuse[i], complete[i]
                 else:
                     assert outs is not None
                     run.tokens["verifier"] += len(outs[i].tokens)
                     tokens, out_finish = reuse[i] + outs[i].tokens, outs[i].finish
-                text, author = v_tok.decode(tokens), "verifier"
                 spec.defer(i, run.convert(tokens, src="verifier", dst="speculator"))
-            traj.steps.append(list(tokens))
-            traj.texts.append(text)
-            step = StepTrace(index=len(lane.steps), author=author, text=text, tokens=len(tokens),
-                             candidates=candidates, reused_tokens=0 if accepted[i] else len(reuse[i]))
-            lane.steps.append(step)
-            if run.on_step is not None:
-                run.on_step(step)
-            traj.finish = run.finish_after_step(traj=traj, out_finish=out_finish, max_steps=None)
+                self._commit(lane, tokens=tokens, text=v_tok.decode(tokens), author="verifier", reused=len(reuse[i]),
+                             out_finish=out_finish, candidates=candidates)
             if traj.finish:
                 finished.append(i)
         for i in finished:
@@ -207,6 +244,7 @@ class StepwiseBatch:
                 # The batched forwards that ran while the lane was in the batch (each served all its lanes).
                 result.forwards = {"speculator": spec.forwards - lane.forwards_at_join[0],
                                    "verifier": ver.forwards - lane.forwards_at_join[1]}
+                result.drafts = lane.counts
                 lane.done(result)
         if finished:
             keep = [i for i in range(n) if i not in set(finished)]
@@ -217,3 +255,27 @@ class StepwiseBatch:
             else:
                 self.spec = self.ver = None
                 self.key = None
+
+    @staticmethod
+    def _commit(lane: Lane, *, tokens: list[int], text: str, author: str, reused: int, out_finish: str,
+                candidates: list[Candidate]) -> None:
+        run, traj = lane.run, lane.traj
+        traj.steps.append(list(tokens))
+        traj.texts.append(text)
+        step = StepTrace(index=len(lane.steps), author=author, text=text, tokens=len(tokens), candidates=candidates,
+                         reused_tokens=reused)
+        lane.steps.append(step)
+        if run.on_step is not None:
+            run.on_step(step)
+        traj.finish = run.finish_after_step(traj=traj, out_finish=out_finish, max_steps=None)
+
+
+def _score(run: Run, ver: Context, chains: list[list[list[int]]]) -> ChainScores:
+    """Every lane's drafted steps scored in one verifier pass (score_chains); the judge, which needs its prompt
+    after each step, scores one step per lane (lookahead 1 is then the only choice: config.py checks it)."""
+    if run.config.score.mode != "judge":
+        return score_chains(run.scorer, ver, chains)
+    spans = [c[0] if c else [] for c in chains]
+    scored = run.scorer.score_steps(ver, spans)
+    return ChainScores(scores=[np.array([x]) if c else np.zeros(0) for x, c in zip(scored.scores, chains, strict=True)],
+                       rows=scored.rows, starts=[np.array([0, len(s)]) for s in spans])

@@ -9,6 +9,7 @@ Per step (both models keep their own KV cache of the solution so far):
 With a greedy verifier the fallback starts from the longest draft prefix that matches the verifier's own
 greedy choices (read from the scoring pass): those tokens are exactly what it would write.
 The first `first_n_steps_verifier` steps are written by the verifier without drafting.
+With stepwise.lookahead > 1 the speculator drafts several steps per verifier pass (lookahead.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Collection
 import numpy as np
 
 from ..tokenizer import StepDetector
-from ..trace import Candidate, RunResult, StepTrace
+from ..trace import Candidate, DraftCounts, RunResult, StepTrace
 from .common import Run, StepStream, Trajectory
 
 
@@ -42,8 +43,12 @@ def _replay(detector: StepDetector, span: list[int], eos: Collection[int]) -> st
 
 
 def run_stepwise(run: Run) -> RunResult:
-    start = time.perf_counter()
     cfg = run.config.stepwise
+    if cfg.lookahead > 1 or cfg.overlap:
+        from .lookahead import run_lookahead  # lookahead.py builds on this module's helpers
+
+        return run_lookahead(run)
+    start = time.perf_counter()
     spec, ver = run.context("speculator"), run.context("verifier")
     v_tok = run.bundle.tokenizers["verifier"]
     v_params = run.params["verifier"]
@@ -124,4 +129,15 @@ def run_stepwise(run: Run) -> RunResult:
         if run.on_step is not None:
             run.on_step(step)
         traj.finish = run.finish_after_step(traj=traj, out_finish=out_finish, max_steps=None)
-    return run.result(strategy="stepwise", traj=traj, steps=steps, seconds=time.perf_counter() - start)
+    result = run.result(strategy="stepwise", traj=traj, steps=steps, seconds=time.perf_counter() - start)
+    result.drafts = draft_counts(steps)
+    return result
+
+
+def draft_counts(steps: list[StepTrace]) -> DraftCounts:
+    """The accounting of a run that drafts one step per verifier pass (lookahead 1), read from its steps."""
+    drafted = [s for s in steps if s.candidates]
+    accepted = sum(s.author == "speculator" for s in drafted)
+    wasted = sum(c.tokens for s in drafted for c in s.candidates if not c.accepted)
+    return DraftCounts(drafted=len(drafted), accepted=accepted, rejected=len(drafted) - accepted,
+                       wasted_tokens=wasted, verify_passes=len(drafted), rounds=len(drafted))

@@ -1,0 +1,191 @@
+"""Stepwise SpecReason with multi-step lookahead: draft several steps, verify them in one pass, keep a prefix.
+
+Per round (stepwise.lookahead = L > 1, one candidate per step):
+  1. speculate  the speculator drafts up to L steps one after another, stopping early after a step that would
+                end the run (eos, an answer line, the budget, a repeat: the same rules a committed step obeys);
+  2. verify     the verifier appends all drafted steps to its cache in one prefill pass and scores each one
+                (scoring.score_chains; a causal model scores step i exactly as if steps 0..i-1 were committed);
+  3. accept     the longest prefix of steps that each score >= threshold is committed (both caches hold it):
+                token-level speculative decoding's accept rule, applied to steps;
+     fallback   the first rejected step and everything drafted after it is dropped from both caches (truncate to
+                the state saved before that step), and the verifier writes that step itself, starting from the
+                draft's prefix that matches its own greedy choices (as stepwise.py does).
+So with threshold above the scale every draft is rejected and the output is exactly the verifier's; with
+threshold 0 every draft is accepted and the output is exactly the speculator's (same RNG stream, same order).
+
+stepwise.overlap pipelines the two models: while the verifier scores chain r (in a worker thread), the
+speculator drafts chain r+1 as if chain r passes whole. If it does, chain r+1 is ready; if not, chain r+1 is
+dropped with the rejected steps (the same rewind). Always drafting the whole next chain, whatever the timing,
+keeps a seed reproducing a run; the output differs from the sequential loop's only through the speculator's
+RNG draws spent on dropped chains (threshold 0 and above-the-scale are unchanged).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..context import Context
+from ..decode import BranchOutput
+from ..scoring import ChainScores, score_chains
+from ..tokenizer import StepDetector
+from ..trace import Candidate, DraftCounts, RunResult, StepTrace
+from .common import Run, StepStream, Trajectory
+from .stepwise import _greedy_prefix, _replay
+
+
+@dataclass
+class Chain:
+    drafts: list[BranchOutput]
+    marks: list[tuple[int, np.ndarray]]  # per draft: the speculator's (length, logits row [vocab]) before it
+    ends_run: bool  # its last step would end the run (eos, answer, budget, repeat) if accepted
+
+
+def draft_chain(run: Run, *, spec: Context, traj: Trajectory, lookahead: int) -> Chain:
+    """Draft up to `lookahead` steps on the speculator's branch 0, after the steps of `traj`.
+
+    Per draft, the speculator's state before it (length, logits row [vocab]) is kept: what a rejection of that
+    draft rewinds to.
+    """
+    sim = Trajectory(steps=list(traj.steps), texts=list(traj.texts))  # the run as if every draft were accepted
+    drafts: list[BranchOutput] = []
+    marks: list[tuple[int, np.ndarray]] = []
+    for _ in range(lookahead):
+        spec.flush()  # the forward decode would run first anyway; afterwards logits[0] is the row to rewind to
+        marks.append((spec.length(0), spec.logits[0].copy()))
+        draft = spec.decode_steps(params=run.params["speculator"], rng=run.rng["speculator"],
+                                  max_tokens=run.step_budget(sim.tokens))[0]
+        drafts.append(draft)
+        sim.steps.append(list(draft.tokens))
+        sim.texts.append(draft.text)
+        if run.finish_after_step(traj=sim, out_finish=draft.finish, max_steps=None):
+            return Chain(drafts=drafts, marks=marks, ends_run=True)
+    return Chain(drafts=drafts, marks=marks, ends_run=False)
+
+
+def accepted_prefix(scores: np.ndarray, *, threshold: float) -> int:
+    """How many leading steps each score >= threshold (scores: [steps]; NaN never passes)."""
+    passed = np.asarray(scores) >= threshold  # [steps]
+    return len(passed) if passed.all() else int(np.argmin(passed))
+
+
+def run_lookahead(run: Run) -> RunResult:
+    if not run.config.stepwise.overlap:
+        return _run_lookahead(run, None)
+    # One worker thread: the verifier scores chain r there while this thread drafts chain r+1 (ONNX Runtime
+    # releases the GIL, so the two models run at once when there are two free cores).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="specreason-verify") as pool:
+        return _run_lookahead(run, pool)
+
+
+def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
+    start = time.perf_counter()
+    cfg = run.config.stepwise
+    spec, ver = run.context("speculator"), run.context("verifier")
+    v_tok = run.bundle.tokenizers["verifier"]
+    v_params = run.params["verifier"]
+    can_reuse = cfg.reuse_draft_prefix and v_params.greedy and v_params.repetition_penalty == 1.0
+    traj, counts = Trajectory(), DraftCounts()
+    steps: list[StepTrace] = []
+
+    def commit(*, tokens: list[int], text: str, author: str, candidates: list[Candidate], reused: int,
+               out_finish: str) -> None:
+        traj.steps.append(list(tokens))
+        traj.texts.append(text)
+        step = StepTrace(index=len(steps), author=author, text=text, tokens=len(tokens), candidates=candidates,
+                         reused_tokens=reused)
+        steps.append(step)
+        if run.on_step is not None:
+            run.on_step(step)
+        traj.finish = run.finish_after_step(traj=traj, out_finish=out_finish, max_steps=None)
+
+    def verify(spans: list[list[int]]) -> ChainScores:
+        with run.timer.phase("verify"):
+            return score_chains(scorer, ver, [spans])
+
+    scorer = run.scorer  # built here, not lazily inside the worker thread
+    ahead: Chain | None = None  # overlap: the chain drafted while the previous one was scored
+    while not traj.finish:
+        reuse_span: list[int] = []
+        rejected: Candidate | None = None
+        if len(traj.steps) >= cfg.first_n_steps_verifier:
+            # 1. Speculate a chain of up to L steps (or take the one drafted during the last verification).
+            if ahead is None:
+                with run.timer.phase("speculate"):
+                    ahead = draft_chain(run, spec=spec, traj=traj, lookahead=cfg.lookahead)
+                run.tokens["speculator"] += sum(len(d.tokens) for d in ahead.drafts)
+            current, ahead = ahead, None
+            drafts, marks = current.drafts, current.marks
+            # 2. Verify every drafted step in one prefill pass. The verifier's pending token (the end of a step
+            # it wrote) rides along; the scoring rows start after it.
+            ver_len = ver.length(0)
+            spans = [run.convert(d.tokens, src="speculator", dst="verifier") for d in drafts]
+            if pool is not None and not current.ends_run:
+                # 2'. Overlap: draft the next chain as if this one passes, while the verifier scores this one.
+                future = pool.submit(verify, spans)
+                assumed = Trajectory(steps=[*traj.steps, *(list(d.tokens) for d in drafts)],
+                                     texts=[*traj.texts, *(d.text for d in drafts)])
+                try:
+                    with run.timer.phase("speculate"):
+                        ahead = draft_chain(run, spec=spec, traj=assumed, lookahead=cfg.lookahead)
+                    run.tokens["speculator"] += sum(len(d.tokens) for d in ahead.drafts)
+                finally:
+                    chain = future.result()  # never leave the verifier running on its own
+            else:
+                chain = verify(spans)
+            scores, rows, starts = chain.scores[0], chain.rows[0], chain.starts[0]
+            accepted = accepted_prefix(scores, threshold=cfg.threshold)
+            counts.rounds += 1
+            counts.verify_passes += 1
+            counts.drafted += len(drafts)
+            counts.accepted += accepted
+            counts.rejected += len(drafts) - accepted
+            counts.wasted_tokens += sum(len(d.tokens) for d in drafts[accepted:])
+            if ahead is not None and accepted < len(drafts):
+                # The chain drafted ahead assumed every step here passes: drop it (the rewind below covers it).
+                counts.drafted += len(ahead.drafts)
+                counts.rejected += len(ahead.drafts)
+                counts.wasted_tokens += sum(len(d.tokens) for d in ahead.drafts)
+                ahead = None
+            # 3a. Accept the prefix: both caches already hold it.
+            for d, score in zip(drafts[:accepted], scores[:accepted], strict=True):
+                commit(tokens=d.tokens, text=d.text, author="speculator", reused=0, out_finish=d.finish,
+                       candidates=[Candidate(text=d.text, tokens=len(d.tokens), score=round(float(score), 4),
+                                             accepted=True)])
+            if accepted == len(drafts) or traj.finish:
+                continue
+            # 3b. Drop the first rejected step and everything after it from both caches.
+            with run.timer.phase("fallback"):
+                d, span, offset = drafts[accepted], spans[accepted], int(starts[accepted])
+                rejected = Candidate(text=d.text, tokens=len(d.tokens), score=round(float(scores[accepted]), 4))
+                if can_reuse:
+                    # rows[offset + j] predicts span[j]: the greedy prefix of the rejected step alone
+                    reuse_span = span[:_greedy_prefix(rows[offset:offset + len(span) + 1], span)]
+                spec_len, spec_logits = marks[accepted]
+                spec.truncate(0, length=spec_len, logits=spec_logits)
+                ver.truncate(0, length=ver_len + offset + len(reuse_span), logits=rows[offset + len(reuse_span)])
+        # 3c. The verifier writes the step (from the reused greedy prefix, if any).
+        index, budget = len(traj.steps), run.step_budget(traj.tokens)
+        with run.timer.phase("fallback"):
+            detector = StepDetector(tokenizer=v_tok)
+            out_finish = _replay(detector, reuse_span, ver.model.generation.eos_ids)
+            stream = StepStream(run, index=index)
+            stream.push(reuse_span)
+            if out_finish:
+                tokens = reuse_span  # the draft prefix already is the whole step the verifier would write
+            else:
+                out = ver.decode_steps(params=v_params, rng=run.rng["verifier"],
+                                       max_tokens=max(budget - len(reuse_span), 1), detectors=[detector],
+                                       on_token=stream.on_token if run.on_token else None)[0]
+                run.tokens["verifier"] += len(out.tokens)
+                tokens, out_finish = reuse_span + out.tokens, out.finish
+            spec.defer(0, run.convert(tokens, src="verifier", dst="speculator"))
+        commit(tokens=tokens, text=v_tok.decode(tokens), author="verifier", reused=len(reuse_span),
+               out_finish=out_finish, candidates=[rejected] if rejected is not None else [])
+    result = run.result(strategy="stepwise", traj=traj, steps=steps, seconds=time.perf_counter() - start)
+    result.drafts = counts
+    assert ahead is None  # a chain that ends the run is never drafted past (Chain.ends_run)
+    return result

@@ -1,0 +1,130 @@
+"""Multi-step lookahead drafting (stepwise.lookahead > 1) on the trained built-in pair: the issue's scenarios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specreason_rt.bundle import Bundle
+from specreason_rt.config import ReasonConfig, make_config
+from specreason_rt.context import Context
+from specreason_rt.errors import ConfigError
+from specreason_rt.reasoner import Reasoner
+from specreason_rt.strategies import STRATEGY_FUNCTIONS, Run
+from specreason_rt.strategies.lookahead import accepted_prefix
+
+QUESTIONS = ["76-24*4", "37+45*3", "12+98-40", "55*7-13", "90-91+9", "21+34*3-50+7", "88*2-19*4+61-3"]
+
+
+@pytest.fixture(scope="module")
+def reasoner(builtin_bundle: Path) -> Reasoner:
+    return Reasoner(builtin_bundle)
+
+
+def cfg(strategy: str, seed: int = 0, **overrides: object) -> ReasonConfig:
+    return make_config(strategy=strategy, **{"seed": seed, **overrides})
+
+
+def test_accepted_prefix_is_the_leading_run_of_passing_steps() -> None:
+    assert accepted_prefix(np.array([8.0, 7.5, 3.0, 9.0]), threshold=7.0) == 2
+    assert accepted_prefix(np.array([8.0, 7.0]), threshold=7.0) == 2
+    assert accepted_prefix(np.array([1.0, 9.0]), threshold=7.0) == 0
+    assert accepted_prefix(np.array([np.nan, 9.0]), threshold=0.0) == 0  # NaN (nothing to score) never passes
+
+
+@pytest.mark.parametrize(("lookahead", "reuse", "overlap"),
+                         [(2, True, False), (4, True, False), (4, False, False), (1, True, True), (3, True, True)])
+def test_threshold_above_scale_is_the_verifier_alone(reasoner: Reasoner, lookahead: int, reuse: bool,
+                                                     overlap: bool) -> None:
+    for seed, q in enumerate(QUESTIONS):
+        alone = reasoner.run(q, cfg("verifier", seed))
+        run = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 10, "stepwise.lookahead": lookahead,
+                                                       "stepwise.reuse_draft_prefix": reuse,
+                                                       "stepwise.overlap": overlap}))
+        assert [s.author for s in run.steps] == ["verifier"] * len(run.steps)
+        assert run.text == alone.text and run.answer == alone.answer
+        assert run.drafts.accepted == 0 and run.drafts.rejected == run.drafts.drafted > 0
+        assert run.acceptance == 0.0
+
+
+@pytest.mark.parametrize(("lookahead", "overlap"), [(2, False), (4, False), (1, True), (3, True)])
+def test_threshold_zero_is_the_speculator_alone(reasoner: Reasoner, lookahead: int, overlap: bool) -> None:
+    for seed, q in enumerate(QUESTIONS):
+        alone = reasoner.run(q, cfg("speculator", seed))
+        run = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 0, "stepwise.lookahead": lookahead,
+                                                       "stepwise.overlap": overlap}))
+        assert [s.author for s in run.steps] == ["speculator"] * len(run.steps)
+        assert run.text == alone.text
+        assert run.tokens["verifier"] == 0 and run.drafts.wasted_tokens == 0
+        # Several steps per verifier pass: ceil(steps / lookahead) rounds.
+        assert run.drafts.rounds == -(-len(run.steps) // lookahead)
+
+
+def test_greedy_drafts_give_the_same_run_with_any_lookahead(reasoner: Reasoner) -> None:
+    """A greedy speculator drafts the same steps whatever the lookahead, and a causal verifier scores step i the
+    same with or without the steps after it: the accepted/rejected steps and the text must not change."""
+    for seed, q in enumerate(QUESTIONS):
+        base = {"speculator.temperature": 0.0, "stepwise.threshold": 7.0}
+        one = reasoner.run(q, cfg("stepwise", seed, **base))
+        for lookahead in (2, 3, 5):
+            many = reasoner.run(q, cfg("stepwise", seed, **{**base, "stepwise.lookahead": lookahead}))
+            assert many.text == one.text
+            assert [s.author for s in many.steps] == [s.author for s in one.steps]
+            assert many.drafts.accepted == one.drafts.accepted
+            assert many.drafts.verify_passes <= one.drafts.verify_passes
+
+
+def _assert_cache_is_fresh(ctx: Context) -> None:
+    """The branch's cache holds exactly what a fresh prefill of its cached tokens would."""
+    n = len(ctx.tokens[0]) - len(ctx.pending[0])
+    fresh = Context(model=ctx.model, tokenizer=ctx.tokenizer, prompt=ctx.tokens[0][:n], room=1)
+    assert int(ctx.cache.lengths[0]) == n
+    for mine, ref in zip(ctx.cache.keys + ctx.cache.values, fresh.cache.keys + fresh.cache.values, strict=True):
+        np.testing.assert_allclose(mine[0, :, :n], ref[0, :, :n], atol=1e-4)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rejected_lookahead_steps_leave_no_trace_in_either_cache(builtin_bundle: Path, overlap: bool) -> None:
+    bundle = Bundle(builtin_bundle)
+    mid_chain = 0  # rounds that accepted some steps and rejected a later one
+    for seed, q in enumerate(QUESTIONS[:5] * 5):
+        run = Run(bundle=bundle, problem=q, config=cfg("stepwise", seed, **{"stepwise.threshold": 7.0,
+                                                                            "stepwise.lookahead": 3,
+                                                                            "stepwise.overlap": overlap}))
+        result = STRATEGY_FUNCTIONS["stepwise"](run)
+        spec, ver = (ctx for _, ctx in run.contexts)
+        assert spec.branches == ver.branches == 1
+        for ctx in (spec, ver):  # both hold the prompt plus exactly the committed steps, and nothing dropped
+            assert ctx.tokenizer.decode(ctx.generated(0)) == result.text
+            _assert_cache_is_fresh(ctx)
+        authors = [s.author for s in result.steps]
+        mid_chain += any(a == "speculator" and b == "verifier" for a, b in zip(authors, authors[1:], strict=False))
+        d = result.drafts
+        assert d.drafted == d.accepted + d.rejected and d.rounds == d.verify_passes
+        assert d.accepted == authors.count("speculator")
+    assert mid_chain > 0
+
+
+@pytest.mark.parametrize(("lookahead", "overlap"), [(1, False), (4, False), (1, True), (4, True)])
+def test_a_seed_reproduces_a_lookahead_run(reasoner: Reasoner, lookahead: int, overlap: bool) -> None:
+    over = {"stepwise.lookahead": lookahead, "stepwise.overlap": overlap}
+    a = reasoner.run("21+34*3-50+7", cfg("stepwise", 7, **over)).to_json()
+    b = reasoner.run("21+34*3-50+7", cfg("stepwise", 7, **over)).to_json()
+    for r in (a, b):
+        r.pop("seconds"), r.pop("timings")
+    assert a == b
+
+
+def test_lookahead_config_errors_say_what_to_change() -> None:
+    with pytest.raises(ConfigError, match=r"lookahead must be an integer in \[1, 1024\]"):
+        make_config(**{"stepwise.lookahead": 0})
+    with pytest.raises(ConfigError, match="set candidates to 1"):
+        make_config(**{"stepwise.lookahead": 2, "stepwise.candidates": 2})
+    with pytest.raises(ConfigError, match="score.mode 'likelihood' or 'head'"):
+        make_config(**{"stepwise.lookahead": 2, "score.mode": "judge"})
+    with pytest.raises(ConfigError, match="score.mode 'likelihood' or 'head'"):
+        make_config(**{"stepwise.overlap": True, "score.mode": "judge"})
+    with pytest.raises(ConfigError, match="overlap must be true or false"):
+        make_config(**{"stepwise.overlap": "yes"})
