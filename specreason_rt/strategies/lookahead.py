@@ -31,10 +31,9 @@ import numpy as np
 from ..context import Context
 from ..decode import BranchOutput
 from ..scoring import ChainScores, score_chains
-from ..tokenizer import StepDetector
 from ..trace import Candidate, DraftCounts, RunResult, StepTrace
-from .common import Run, StepStream, Trajectory
-from .stepwise import _greedy_prefix, _replay
+from .common import Run, Trajectory
+from .stepwise import _greedy_prefix, write_rest_of_step
 
 
 @dataclass
@@ -170,18 +169,7 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
         # 3c. The verifier writes the step (from the reused greedy prefix, if any).
         index, budget = len(traj.steps), run.step_budget(traj.tokens)
         with run.timer.phase("fallback"):
-            detector = StepDetector(tokenizer=v_tok)
-            out_finish = _replay(detector, reuse_span, ver.model.generation.eos_ids)
-            stream = StepStream(run, index=index)
-            stream.push(reuse_span)
-            if out_finish:
-                tokens = reuse_span  # the draft prefix already is the whole step the verifier would write
-            else:
-                out = ver.decode_steps(params=v_params, rng=run.rng["verifier"],
-                                       max_tokens=max(budget - len(reuse_span), 1), detectors=[detector],
-                                       on_token=stream.on_token if run.on_token else None)[0]
-                run.tokens["verifier"] += len(out.tokens)
-                tokens, out_finish = reuse_span + out.tokens, out.finish
+            tokens, out_finish = write_rest_of_step(run, ver, index=index, reuse_span=reuse_span, budget=budget)
             spec.defer(0, run.convert(tokens, src="verifier", dst="speculator"))
         commit(tokens=tokens, text=v_tok.decode(tokens), author="verifier", reused=len(reuse_span),
                out_finish=out_finish, candidates=[rejected] if rejected is not None else [])

@@ -19,6 +19,7 @@ from collections.abc import Collection
 
 import numpy as np
 
+from ..context import Context
 from ..tokenizer import StepDetector
 from ..trace import Candidate, DraftCounts, RunResult, StepTrace
 from .common import Run, StepStream, Trajectory
@@ -40,6 +41,24 @@ def _replay(detector: StepDetector, span: list[int], eos: Collection[int]) -> st
         step_done = detector.push(t)
         finish = "eos" if t in eos else "step" if step_done else ""
     return finish
+
+
+def write_rest_of_step(run: Run, ver: Context, *, index: int, reuse_span: list[int], budget: int
+                       ) -> tuple[list[int], str]:
+    """The verifier writes step `index` on top of the draft prefix it agrees with (reuse_span, already in its
+    cache): the prefix streams as its own text, then it decodes the rest of the step, unless the prefix already
+    is a whole step. Returns the step's tokens and how it ended ("step", "eos", ...)."""
+    detector = StepDetector(tokenizer=run.bundle.tokenizers["verifier"])
+    out_finish = _replay(detector, reuse_span, ver.model.generation.eos_ids)
+    stream = StepStream(run, index=index)
+    stream.push(reuse_span)  # the verifier's own greedy choices: streamed as it writes the rest
+    if out_finish:
+        return list(reuse_span), out_finish  # the whole draft is what the verifier would have written
+    out = ver.decode_steps(params=run.params["verifier"], rng=run.rng["verifier"],
+                           max_tokens=max(budget - len(reuse_span), 1), detectors=[detector],
+                           on_token=stream.on_token if run.on_token else None)[0]
+    run.tokens["verifier"] += len(out.tokens)
+    return reuse_span + out.tokens, out.finish
 
 
 def run_stepwise(run: Run) -> RunResult:
@@ -94,7 +113,6 @@ def run_stepwise(run: Run) -> RunResult:
         else:
             # 3b. Fallback: drop every draft from both caches, then the verifier writes the step.
             with run.timer.phase("fallback"):
-                detector = StepDetector(tokenizer=v_tok)
                 keep = 0
                 if candidates and can_reuse:
                     lengths = [_greedy_prefix(r, s) for r, s in zip(scored.rows, spans, strict=True)]
@@ -108,17 +126,7 @@ def run_stepwise(run: Run) -> RunResult:
                         ver.gather([keep])
                     after = scored.rows[keep][len(reuse_span)]  # row 0: the logits before the draft
                     ver.truncate(0, length=ver_len + len(reuse_span), logits=after)
-                out_finish = _replay(detector, reuse_span, ver.model.generation.eos_ids)
-                stream = StepStream(run, index=index)
-                stream.push(reuse_span)  # the verifier's own greedy choices: streamed as it writes the rest
-                if out_finish:
-                    tokens = reuse_span  # the whole draft is what the verifier would have written
-                else:
-                    out = ver.decode_steps(params=v_params, rng=run.rng["verifier"],
-                                           max_tokens=max(budget - len(reuse_span), 1), detectors=[detector],
-                                           on_token=stream.on_token if run.on_token else None)[0]
-                    run.tokens["verifier"] += len(out.tokens)
-                    tokens, out_finish = reuse_span + out.tokens, out.finish
+                tokens, out_finish = write_rest_of_step(run, ver, index=index, reuse_span=reuse_span, budget=budget)
                 text, author, reused = v_tok.decode(tokens), "verifier", len(reuse_span)
                 spec.defer(0, run.convert(tokens, src="verifier", dst="speculator"))
         traj.steps.append(list(tokens))
