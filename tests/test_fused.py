@@ -23,15 +23,7 @@ from specreason_export.onnx_export import export_onnx  # noqa: E402
 from specreason_export.quantize import INT4_BLOCK_SIZE, int4_blocks, quantize  # noqa: E402
 from specreason_export.validate import DEFAULT_TOLERANCES, validate  # noqa: E402
 
-from .test_families import prompts, tiny_model  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .test_families import one_torch_thread, prompts, tiny_model  # noqa: E402, F401  (an autouse fixture)
 
 
 def weight_matmuls(path: Path) -> dict[str, int]:

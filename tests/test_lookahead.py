@@ -9,11 +9,12 @@ import pytest
 
 from specreason_rt.bundle import Bundle
 from specreason_rt.config import ReasonConfig, make_config
-from specreason_rt.context import Context
 from specreason_rt.errors import ConfigError
 from specreason_rt.reasoner import Reasoner
 from specreason_rt.strategies import STRATEGY_FUNCTIONS, Run
 from specreason_rt.strategies.lookahead import accepted_prefix
+
+from .test_strategies import _assert_cache_is_fresh
 
 QUESTIONS = ["76-24*4", "37+45*3", "12+98-40", "55*7-13", "90-91+9", "21+34*3-50+7", "88*2-19*4+61-3"]
 
@@ -74,15 +75,6 @@ def test_greedy_drafts_give_the_same_run_with_any_lookahead(reasoner: Reasoner) 
             assert [s.author for s in many.steps] == [s.author for s in one.steps]
             assert many.drafts.accepted == one.drafts.accepted
             assert many.drafts.verify_passes <= one.drafts.verify_passes
-
-
-def _assert_cache_is_fresh(ctx: Context) -> None:
-    """The branch's cache holds exactly what a fresh prefill of its cached tokens would."""
-    n = len(ctx.tokens[0]) - len(ctx.pending[0])
-    fresh = Context(model=ctx.model, tokenizer=ctx.tokenizer, prompt=ctx.tokens[0][:n], room=1)
-    assert int(ctx.cache.lengths[0]) == n
-    for mine, ref in zip(ctx.cache.keys + ctx.cache.values, fresh.cache.keys + fresh.cache.values, strict=True):
-        np.testing.assert_allclose(mine[0, :, :n], ref[0, :, :n], atol=1e-4)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
