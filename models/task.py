@@ -156,12 +156,19 @@ def heldout_split(*, n: int = HELDOUT_SIZE, config: TaskConfig | None = None) ->
 
 
 def length_batches(
-    *, seed: int, batch: int, max_ops_at: Callable[[int], int], config: TaskConfig | None = None
+    *,
+    seed: int,
+    batch: int,
+    max_ops_at: Callable[[int], int],
+    config: TaskConfig | None = None,
+    shortest: int | None = None,
 ) -> Iterator[list[Problem]]:
     """Endless seeded batches of training problems, all problems of a batch with the same step count.
 
-    Batch ``b`` draws its step count uniformly in ``[config.min_ops, max_ops_at(b)]`` (a curriculum when
-    ``max_ops_at`` grows). One length per batch keeps padding (wasted compute) near zero at trace length.
+    Batch ``b`` draws its step count uniformly in ``[shortest, max_ops_at(b)]`` (a curriculum when
+    ``max_ops_at`` grows; ``shortest`` defaults to ``config.min_ops`` and lets a fine-tune dwell on long chains
+    while the held-out split that is excluded stays ``config``'s). One length per batch keeps padding (wasted
+    compute) near zero at trace length.
     Never yields a held-out question of ``config``'s split.
     """
     config = config or TaskConfig()
@@ -169,9 +176,12 @@ def length_batches(
     rng = np.random.default_rng([seed, _TRAIN_STREAM])
     index = 0
     b = 0
+    low = config.min_ops if shortest is None else shortest
+    if not config.min_ops <= low <= config.max_ops:
+        raise ValueError(f"shortest must be in [{config.min_ops}, {config.max_ops}], got {shortest}")
     while True:
-        top = min(config.max_ops, max(config.min_ops, max_ops_at(b)))
-        length = int(rng.integers(config.min_ops, top + 1))
+        top = min(config.max_ops, max(low, max_ops_at(b)))
+        length = int(rng.integers(low, top + 1))
         fixed = replace(config, min_ops=length, max_ops=length)
         problems: list[Problem] = []
         while len(problems) < batch:

@@ -62,6 +62,7 @@ def train_model(
     config: TaskConfig | None = None,
     curriculum_start: int | None = None,
     ramp_fraction: float = 0.0,
+    shortest: int | None = None,
     eval_every: int = 0,
     eval_n: int = 200,
     log: Callable[[str], None] = print,
@@ -84,7 +85,9 @@ def train_model(
     start_ops = config.max_ops if curriculum_start is None else curriculum_start
     max_ops_at = curriculum(start=start_ops, top=config.max_ops, ramp_steps=int(ramp_fraction * steps))
     data = problem_batches(
-        tok=tok, problems=length_batches(seed=seed, batch=p.batch, max_ops_at=max_ops_at, config=config)
+        tok=tok, problems=length_batches(
+            seed=seed, batch=p.batch, max_ops_at=max_ops_at, config=config, shortest=shortest
+        )
     )
     probe = heldout_split(n=eval_n, config=config) if eval_every else []
     losses: list[float] = []
@@ -144,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-ops", type=int, default=TaskConfig().max_ops, help="longest chain trained on")
     parser.add_argument("--curriculum-start", type=int, default=None,
                         help="longest chain at step 0, growing linearly to --max-ops (default: no curriculum)")
+    parser.add_argument("--min-ops", type=int, default=None,
+                        help="shortest chain trained on (default: the task's); the held-out split excluded stays "
+                             "the task's, so a fine-tune can dwell on long chains")
     parser.add_argument("--ramp", type=float, default=0.3, help="fraction of the steps the curriculum ramps over")
     args = parser.parse_args(argv)
 
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         model, losses = train_model(
             p=p, seed=args.seed, init=init, config=config, curriculum_start=args.curriculum_start,
-            ramp_fraction=args.ramp, eval_every=args.eval_every, eval_n=args.eval_n,
+            ramp_fraction=args.ramp, shortest=args.min_ops, eval_every=args.eval_every, eval_n=args.eval_n,
             log=lambda line: print(line, flush=True),
         )
         seconds = time.perf_counter() - start
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             "preset": preset_dict(p),
             "task": vars(config),
             "init": None if init is None else str(init),
-            "curriculum": {"start": args.curriculum_start, "top": config.max_ops, "ramp_fraction": args.ramp},
+            "curriculum": {"start": args.curriculum_start, "top": config.max_ops, "ramp_fraction": args.ramp,
+                           "shortest": args.min_ops},
             "command": "python -m specreason_models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
             "train_seconds": round(seconds, 1),
             "final_loss": losses[-1],

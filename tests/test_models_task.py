@@ -92,6 +92,16 @@ def test_length_batches_hold_one_length_and_follow_the_curriculum():
     assert again == batches
 
 
+def test_length_batches_can_dwell_on_long_chains_and_still_skip_the_heldout_split():
+    heldout = {p.question for p in heldout_split()}
+    batches = list(itertools.islice(length_batches(seed=3, batch=8, max_ops_at=lambda b: 12, shortest=9), 40))
+    lengths = {n_steps(p) for group in batches for p in group}
+    assert lengths == {9, 10, 11, 12}
+    assert not {p.question for group in batches for p in group} & heldout
+    with pytest.raises(ValueError, match="shortest must be in"):
+        next(length_batches(seed=3, batch=8, max_ops_at=lambda b: 12, shortest=13))
+
+
 def test_hand_worked_problem():
     rng = np.random.default_rng(0)
     p = generate_problem(rng=rng, config=TaskConfig(min_ops=1, max_ops=1, mul_weight=1.0), problem_id="x")
