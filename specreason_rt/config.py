@@ -87,6 +87,9 @@ class StepwiseConfig:
     # decoding's accept rule, at the step level); the first rejected step is rewritten by the verifier and the
     # steps drafted after it are dropped from both caches. 1 = the paper's one step at a time.
     lookahead: int = 1
+    # Adaptive lookahead: `lookahead` becomes the most steps a round drafts; each round drafts as many as the
+    # run's recent acceptance rate says will likely survive (strategies/lookahead.py, LookaheadPolicy).
+    adaptive_lookahead: bool = False
     # Pipeline the models (strategies/lookahead.py): the speculator drafts the next chain while the verifier
     # scores this one, in a second thread. Pays off only with a free core per model.
     overlap: bool = False
@@ -106,6 +109,11 @@ class StepwiseConfig:
                f"lookahead > 1 drafts one chain of steps: set candidates to 1 (got candidates={self.candidates}) "
                "or lookahead to 1")
         _check(isinstance(self.overlap, bool), f"overlap must be true or false, got {self.overlap!r}")
+        _check(isinstance(self.adaptive_lookahead, bool),
+               f"adaptive_lookahead must be true or false, got {self.adaptive_lookahead!r}")
+        _check(not self.adaptive_lookahead or self.lookahead > 1,
+               "adaptive_lookahead picks a lookahead between 1 and stepwise.lookahead: set lookahead > 1 (the "
+               f"most steps per verifier pass, e.g. 6), got lookahead={self.lookahead}")
         _check(not self.overlap or self.candidates == 1,
                f"overlap drafts one chain ahead: set candidates to 1 (got candidates={self.candidates})")
 

@@ -70,13 +70,15 @@ def test_eval_lookahead_sweep_accounting_and_by_length(builtin_bundle: Path, tmp
             ("55*7-13+20", "92", 3), ("90-91+9*2", "16", 3)]
     problems.write_text("".join(json.dumps({"question": q, "answer": a, "steps": n}) + "\n" for q, a, n in rows))
     args = ["eval", "--bundle", str(builtin_bundle), "--problems", str(problems), "--strategy", "verifier",
-            "stepwise", "--lookaheads", "1", "3", "--overlap", "both", "--threads", "1"]
+            "stepwise", "--lookaheads", "1", "3", "--overlap", "both", "--adaptive", "both", "--threads", "1"]
     figure = tmp_path / "by-length.png"
     table = run(*args, "--plot-by-length", str(figure))
     assert table.returncode == 0, table.stderr
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("stepwise(lookahead=1)", "stepwise(lookahead=3)", "stepwise(lookahead=3,overlap)"):
+    for name in ("stepwise(lookahead=1)", "stepwise(lookahead=3)", "stepwise(lookahead=3,overlap)",
+                 "stepwise(lookahead=3,adaptive)", "stepwise(lookahead=3,adaptive,overlap)"):
         assert name in table.stdout
+    assert "lookahead=1,adaptive" not in table.stdout  # nothing to adapt with one step per pass
     assert "by length: accuracy / speedup vs verifier" in table.stdout and "wasted" in table.stdout
     report = json.loads(run(*args, "--json").stdout)
     assert sorted(report["by_length"]) == ["2", "3"]

@@ -12,7 +12,7 @@ from specreason_rt.config import ReasonConfig, make_config
 from specreason_rt.errors import ConfigError
 from specreason_rt.reasoner import Reasoner
 from specreason_rt.strategies import STRATEGY_FUNCTIONS, Run
-from specreason_rt.strategies.lookahead import accepted_prefix
+from specreason_rt.strategies.lookahead import LookaheadPolicy, accepted_prefix
 
 from .test_strategies import _assert_cache_is_fresh
 
@@ -35,19 +35,44 @@ def test_accepted_prefix_is_the_leading_run_of_passing_steps() -> None:
     assert accepted_prefix(np.array([np.nan, 9.0]), threshold=0.0) == 0  # NaN (nothing to score) never passes
 
 
-@pytest.mark.parametrize(("lookahead", "reuse", "overlap"),
-                         [(2, True, False), (4, True, False), (4, False, False), (1, True, True), (3, True, True)])
+def test_lookahead_policy_drafts_what_the_acceptance_rate_says_will_survive() -> None:
+    fixed = LookaheadPolicy(most=4, adaptive=False)
+    fixed.observe(drafted=4, accepted=0)
+    assert fixed.size() == 4  # not adaptive: always the configured lookahead
+    policy = LookaheadPolicy(most=6, adaptive=True)
+    assert policy.size() == 3  # the prior 0.75: 0.75**2 >= 1/2 > 0.75**3
+    for _ in range(10):
+        policy.observe(drafted=policy.size(), accepted=policy.size())
+    assert policy.size() == 6 and policy.rate > 0.9  # everything passes: up to the most
+    for _ in range(3):
+        policy.observe(drafted=policy.size(), accepted=0)
+    assert policy.size() == 1 and policy.rate < 0.5  # three rejections in a row: one step at a time
+    before = policy.rate
+    policy.observe(drafted=5, accepted=2)  # two passes, then one rejection; steps after it are no evidence
+    expected = before
+    for x in (1.0, 1.0, 0.0):
+        expected += LookaheadPolicy.DECAY * (x - expected)
+    assert policy.rate == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("lookahead", "reuse", "overlap", "adaptive"),
+                         [(2, True, False, False), (4, True, False, False), (4, False, False, False),
+                          (1, True, True, False), (3, True, True, False), (6, True, False, True),
+                          (6, True, True, True)])
 def test_threshold_above_scale_is_the_verifier_alone(reasoner: Reasoner, lookahead: int, reuse: bool,
-                                                     overlap: bool) -> None:
+                                                     overlap: bool, adaptive: bool) -> None:
     for seed, q in enumerate(QUESTIONS):
         alone = reasoner.run(q, cfg("verifier", seed))
         run = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 10, "stepwise.lookahead": lookahead,
                                                        "stepwise.reuse_draft_prefix": reuse,
-                                                       "stepwise.overlap": overlap}))
+                                                       "stepwise.overlap": overlap,
+                                                       "stepwise.adaptive_lookahead": adaptive}))
         assert [s.author for s in run.steps] == ["verifier"] * len(run.steps)
         assert run.text == alone.text and run.answer == alone.answer
         assert run.drafts.accepted == 0 and run.drafts.rejected == run.drafts.drafted > 0
         assert run.acceptance == 0.0
+        if adaptive and not overlap:  # every round rejects its first step: 3 steps (the prior), 2, then 1 per round
+            assert run.drafts.drafted <= run.drafts.rounds + 3
 
 
 @pytest.mark.parametrize(("lookahead", "overlap"), [(2, False), (4, False), (1, True), (3, True)])
@@ -63,14 +88,27 @@ def test_threshold_zero_is_the_speculator_alone(reasoner: Reasoner, lookahead: i
         assert run.drafts.rounds == -(-len(run.steps) // lookahead)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_adaptive_lookahead_at_threshold_zero_is_the_speculator_alone(reasoner: Reasoner, overlap: bool) -> None:
+    for seed, q in enumerate(QUESTIONS):
+        alone = reasoner.run(q, cfg("speculator", seed))
+        run = reasoner.run(q, cfg("stepwise", seed, **{"stepwise.threshold": 0, "stepwise.lookahead": 6,
+                                                       "stepwise.adaptive_lookahead": True,
+                                                       "stepwise.overlap": overlap}))
+        assert run.text == alone.text and run.tokens["verifier"] == 0
+        # Everything passes, so the rounds grow: 2 steps, then 3, 4, ... (fewer rounds than 2 steps each).
+        assert run.drafts.rounds <= -(-len(run.steps) // 2)
+
+
 def test_greedy_drafts_give_the_same_run_with_any_lookahead(reasoner: Reasoner) -> None:
     """A greedy speculator drafts the same steps whatever the lookahead, and a causal verifier scores step i the
     same with or without the steps after it: the accepted/rejected steps and the text must not change."""
     for seed, q in enumerate(QUESTIONS):
         base = {"speculator.temperature": 0.0, "stepwise.threshold": 7.0}
         one = reasoner.run(q, cfg("stepwise", seed, **base))
-        for lookahead in (2, 3, 5):
-            many = reasoner.run(q, cfg("stepwise", seed, **{**base, "stepwise.lookahead": lookahead}))
+        for lookahead, adaptive in ((2, False), (3, False), (5, False), (6, True)):
+            many = reasoner.run(q, cfg("stepwise", seed, **{**base, "stepwise.lookahead": lookahead,
+                                                            "stepwise.adaptive_lookahead": adaptive}))
             assert many.text == one.text
             assert [s.author for s in many.steps] == [s.author for s in one.steps]
             assert many.drafts.accepted == one.drafts.accepted
@@ -99,9 +137,12 @@ def test_rejected_lookahead_steps_leave_no_trace_in_either_cache(builtin_bundle:
     assert mid_chain > 0
 
 
-@pytest.mark.parametrize(("lookahead", "overlap"), [(1, False), (4, False), (1, True), (4, True)])
-def test_a_seed_reproduces_a_lookahead_run(reasoner: Reasoner, lookahead: int, overlap: bool) -> None:
-    over = {"stepwise.lookahead": lookahead, "stepwise.overlap": overlap}
+@pytest.mark.parametrize(("lookahead", "overlap", "adaptive"),
+                         [(1, False, False), (4, False, False), (1, True, False), (4, True, False), (6, False, True),
+                          (6, True, True)])
+def test_a_seed_reproduces_a_lookahead_run(reasoner: Reasoner, lookahead: int, overlap: bool,
+                                           adaptive: bool) -> None:
+    over = {"stepwise.lookahead": lookahead, "stepwise.overlap": overlap, "stepwise.adaptive_lookahead": adaptive}
     a = reasoner.run("21+34*3-50+7", cfg("stepwise", 7, **over)).to_json()
     b = reasoner.run("21+34*3-50+7", cfg("stepwise", 7, **over)).to_json()
     for r in (a, b):
@@ -120,3 +161,5 @@ def test_lookahead_config_errors_say_what_to_change() -> None:
         make_config(**{"stepwise.overlap": True, "score.mode": "judge"})
     with pytest.raises(ConfigError, match="overlap must be true or false"):
         make_config(**{"stepwise.overlap": "yes"})
+    with pytest.raises(ConfigError, match="set lookahead > 1"):
+        make_config(**{"stepwise.adaptive_lookahead": True})

@@ -22,11 +22,11 @@ PROBLEMS = [p.question for p in heldout_split(n=24)]
 
 def config(i: int, temperature: float = 0.7) -> ReasonConfig:
     # Per-lane settings that may differ inside one batch: seed, threshold, token budget, first verifier steps,
-    # lookahead (steps drafted per verifier pass).
+    # lookahead (steps drafted per verifier pass), fixed or adaptive.
     return make_config(strategy="stepwise", seed=i, **{
         "speculator.temperature": temperature, "stepwise.threshold": [5, 7, 8.9, 10][i % 4],
         "limits.max_tokens": [512, 20][i % 5 == 4], "stepwise.first_n_steps_verifier": int(i % 6 == 5),
-        "stepwise.lookahead": [1, 3, 1, 2, 4, 1, 6][i % 7]})
+        "stepwise.lookahead": [1, 3, 1, 2, 4, 1, 6][i % 7], "stepwise.adaptive_lookahead": i % 7 in (3, 6)})
 
 
 @pytest.fixture(scope="module")

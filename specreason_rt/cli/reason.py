@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -179,18 +180,23 @@ def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonCo
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
         overlaps = {"both": [False, True], "on": [True]}.get(args.overlap, [None])
-        if strategy == "stepwise" and (args.thresholds or args.lookaheads or args.overlap != "off"):
-            # One row per (threshold, lookahead, overlap); a sweep axis not given keeps the configured value.
-            for t in args.thresholds or [None]:
-                for k in args.lookaheads or [None]:
-                    for o in overlaps:
-                        parts = ([f"threshold={t:g}"] if t is not None else []) + \
-                            ([f"lookahead={k}"] if k is not None else []) + (["overlap"] if o else [])
-                        over = {**base, **({"stepwise.threshold": t} if t is not None else {}),
-                                **({"stepwise.lookahead": k} if k is not None else {}),
-                                **({"stepwise.overlap": o} if o is not None else {})}
-                        name = f"stepwise({','.join(parts)})" if parts else "stepwise"
-                        configs[name] = make_config(strategy=strategy, preset=args.preset, **over)
+        adaptives = {"both": [False, True], "on": [True]}.get(args.adaptive, [None])
+        if strategy == "stepwise" and (args.thresholds or args.lookaheads or args.overlap != "off"
+                                       or args.adaptive != "off"):
+            # One row per (threshold, lookahead, adaptive, overlap); an axis not given keeps the configured value.
+            for t, k, a, o in itertools.product(args.thresholds or [None], args.lookaheads or [None], adaptives,
+                                                overlaps):
+                if a and k == 1:
+                    continue  # adaptive chooses between 1 and the lookahead: nothing to choose at 1
+                parts = ([f"threshold={t:g}"] if t is not None else []) + \
+                    ([f"lookahead={k}"] if k is not None else []) + (["adaptive"] if a else []) + \
+                    (["overlap"] if o else [])
+                over = {**base, **({"stepwise.threshold": t} if t is not None else {}),
+                        **({"stepwise.lookahead": k} if k is not None else {}),
+                        **({"stepwise.adaptive_lookahead": a} if a is not None else {}),
+                        **({"stepwise.overlap": o} if o is not None else {})}
+                name = f"stepwise({','.join(parts)})" if parts else "stepwise"
+                configs[name] = make_config(strategy=strategy, preset=args.preset, **over)
         else:
             configs[strategy] = make_config(strategy=strategy, preset=args.preset, **base)
     return configs
@@ -304,6 +310,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--lookaheads", type=int, nargs="+", metavar="L",
                     help="run stepwise once per lookahead (steps drafted per verifier pass), e.g. --lookaheads 1 4; "
                          "with --thresholds, once per pair")
+    ev.add_argument("--adaptive", choices=["off", "on", "both"], default="off",
+                    help="stepwise: choose each round's lookahead (up to --lookaheads L) from the run's recent "
+                         "acceptance rate (on), or run each stepwise row both ways (both); default off")
     ev.add_argument("--overlap", choices=["off", "on", "both"], default="off",
                     help="stepwise: pipeline the speculator's next chain with the verifier's scoring (on), or run "
                          "each stepwise row both ways (both); default off")

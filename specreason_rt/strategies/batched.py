@@ -14,9 +14,9 @@ Lanes join between ticks (their prompts are prefilled, then their cache rows app
 and leave when they finish (their rows are dropped). A lane gives the same steps as `run_stepwise` of the same
 problem and seed alone, up to float rounding in the batched forwards (tested). Lanes of one batch share the
 scoring config and both models' sampling params (`batch_key`); thresholds, token limits, stop rules and
-seeds are per lane, and so is stepwise.lookahead (a lane drafts up to its L steps per tick; lanes that stop
-drafting sit out the remaining batched decodes of that tick). Only one draft per step (stepwise.candidates == 1)
-is batched this way.
+seeds are per lane, and so is stepwise.lookahead (a lane drafts up to its L steps per tick, fewer when
+stepwise.adaptive_lookahead says so, as run alone; lanes that stop drafting sit out the remaining batched
+decodes of that tick). Only one draft per step (stepwise.candidates == 1) is batched this way.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..scoring import ChainScores, score_chains
 from ..tokenizer import StepDetector
 from ..trace import Candidate, DraftCounts, RunResult, StepTrace
 from .common import Run, StepStream, Trajectory
-from .lookahead import accepted_prefix
+from .lookahead import LookaheadPolicy, accepted_prefix
 from .stepwise import _greedy_prefix, _replay
 
 
@@ -56,6 +56,11 @@ class Lane:
     start: float = field(default_factory=time.perf_counter)
     forwards_at_join: tuple[int, int] = (0, 0)  # the batch contexts' forward counts when the lane joined
     counts: DraftCounts = field(default_factory=DraftCounts)
+    lookahead: LookaheadPolicy = field(init=False)  # how many steps each round drafts (the lane's config)
+
+    def __post_init__(self) -> None:
+        cfg = self.run.config.stepwise
+        self.lookahead = LookaheadPolicy(most=cfg.lookahead, adaptive=cfg.adaptive_lookahead)
 
 
 class StepwiseBatch:
@@ -104,7 +109,7 @@ class StepwiseBatch:
     def tick(self) -> None:
         """One round for every lane; finished (or failed) lanes report through their `done` and leave.
 
-        A lane with stepwise.lookahead = L drafts up to L steps this round (lookahead.py's rule, per lane): one
+        A lane drafts up to the steps its LookaheadPolicy allows this round (lookahead.py's rule, per lane): one
         batched speculator decode per drafted step position, one verifier pass scores every lane's chain.
         """
         assert self.spec is not None and self.ver is not None
@@ -123,6 +128,7 @@ class StepwiseBatch:
         drafting = [i not in failed and len(lane.traj.steps) >= lane.run.config.stepwise.first_n_steps_verifier
                     for i, lane in enumerate(lanes)]
         ver_len = [ver.length(i) for i in range(n)]
+        limits = [lane.lookahead.size() if drafting[i] else 0 for i, lane in enumerate(lanes)]
         # 1. Speculate: per step position, one batched decode for every lane still drafting its chain.
         drafts: list[list[BranchOutput]] = [[] for _ in range(n)]
         marks: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]  # spec state before each draft
@@ -148,7 +154,7 @@ class StepwiseBatch:
                 lane.run.tokens["speculator"] += len(d.tokens)
                 sims[i].steps.append(list(d.tokens))
                 sims[i].texts.append(d.text)
-                if position >= lane.run.config.stepwise.lookahead or \
+                if position >= limits[i] or \
                         lane.run.finish_after_step(traj=sims[i], out_finish=d.finish, max_steps=None):
                     active[i] = False
         spans = [[first.convert(d.tokens, src="speculator", dst="verifier") for d in drafts[i]] for i in range(n)]
@@ -213,6 +219,7 @@ class StepwiseBatch:
                 c.accepted += accepted[i]
                 c.rejected += len(drafts[i]) - accepted[i]
                 c.wasted_tokens += sum(len(d.tokens) for d in drafts[i][accepted[i]:])
+                lane.lookahead.observe(drafted=len(drafts[i]), accepted=accepted[i])
             for d, score in zip(drafts[i][:accepted[i]], scores[:accepted[i]], strict=True):
                 self._commit(lane, tokens=d.tokens, text=d.text, author="speculator", reused=0, out_finish=d.finish,
                              candidates=[Candidate(text=d.text, tokens=len(d.tokens), score=round(float(score), 4),

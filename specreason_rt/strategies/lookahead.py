@@ -13,6 +13,9 @@ Per round (stepwise.lookahead = L > 1, one candidate per step):
 So with threshold above the scale every draft is rejected and the output is exactly the verifier's; with
 threshold 0 every draft is accepted and the output is exactly the speculator's (same RNG stream, same order).
 
+stepwise.adaptive_lookahead makes L the most steps a round drafts; LookaheadPolicy picks each round's count from
+the run's recent acceptance rate (deterministic, so a seed still reproduces a run).
+
 stepwise.overlap pipelines the two models: while the verifier scores chain r (in a worker thread), the
 speculator drafts chain r+1 as if chain r passes whole. If it does, chain r+1 is ready; if not, chain r+1 is
 dropped with the rejected steps (the same rewind). Always drafting the whole next chain, whatever the timing,
@@ -71,6 +74,43 @@ def accepted_prefix(scores: np.ndarray, *, threshold: float) -> int:
     return len(passed) if passed.all() else int(np.argmin(passed))
 
 
+class LookaheadPolicy:
+    """How many steps the next round drafts: always `most`, or (adaptive) as many as will likely survive.
+
+    Why the rule: with a per-step acceptance rate p, the k-th drafted step is committed only if all k pass
+    (probability p**k). Drafting it costs one speculator step s; if it is committed it saves a verifier pass V
+    (the round it would otherwise have needed); when it is rejected after k-1 passing steps it also saves V
+    (its rejection is found in this pass, not a later one). So it pays when p**(k-1) * V > (1 - p**(k-1)) * s,
+    and with s about V (a drafted step and one scoring pass cost about the same on the built-in pair) that is
+    p**(k-1) > 1/2: draft the k-th step while the chance that every step before it passes is at least half.
+    p is an exponential moving average over this run's scored steps (passes, and the first rejection of a
+    round; steps after a rejection were scored on a context that is thrown away, so they are not evidence).
+    It uses no clocks, so a seed reproduces a run.
+    """
+
+    PRIOR = 0.75  # acceptance assumed before any step is scored: three steps in the first round
+    DECAY = 0.25  # weight of each new outcome in the moving average (about the last 4-8 steps matter)
+
+    def __init__(self, *, most: int, adaptive: bool) -> None:
+        self.most, self.adaptive = most, adaptive
+        self.rate = self.PRIOR
+
+    def size(self) -> int:
+        if not self.adaptive:
+            k = self.most
+        else:
+            k = 1
+            while k < self.most and self.rate**k >= 0.5:  # the chance steps 1..k all pass: draft step k+1?
+                k += 1
+        return k
+
+    def observe(self, *, drafted: int, accepted: int) -> None:
+        """Fold in one round: `accepted` leading steps passed; a rejection follows them if accepted < drafted."""
+        outcomes = [1.0] * accepted + ([0.0] if accepted < drafted else [])
+        for x in outcomes:
+            self.rate += self.DECAY * (x - self.rate)
+
+
 def run_lookahead(run: Run) -> RunResult:
     if not run.config.stepwise.overlap:
         return _run_lookahead(run, None)
@@ -106,6 +146,7 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
             return score_chains(scorer, ver, [spans])
 
     scorer = run.scorer  # built here, not lazily inside the worker thread
+    policy = LookaheadPolicy(most=cfg.lookahead, adaptive=cfg.adaptive_lookahead)
     ahead: Chain | None = None  # overlap: the chain drafted while the previous one was scored
     while not traj.finish:
         reuse_span: list[int] = []
@@ -114,7 +155,7 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
             # 1. Speculate a chain of up to L steps (or take the one drafted during the last verification).
             if ahead is None:
                 with run.timer.phase("speculate"):
-                    ahead = draft_chain(run, spec=spec, traj=traj, lookahead=cfg.lookahead)
+                    ahead = draft_chain(run, spec=spec, traj=traj, lookahead=policy.size())
                 run.tokens["speculator"] += sum(len(d.tokens) for d in ahead.drafts)
             current, ahead = ahead, None
             drafts, marks = current.drafts, current.marks
@@ -129,7 +170,7 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
                                      texts=[*traj.texts, *(d.text for d in drafts)])
                 try:
                     with run.timer.phase("speculate"):
-                        ahead = draft_chain(run, spec=spec, traj=assumed, lookahead=cfg.lookahead)
+                        ahead = draft_chain(run, spec=spec, traj=assumed, lookahead=policy.size())
                     run.tokens["speculator"] += sum(len(d.tokens) for d in ahead.drafts)
                 finally:
                     chain = future.result()  # never leave the verifier running on its own
@@ -137,6 +178,7 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
                 chain = verify(spans)
             scores, rows, starts = chain.scores[0], chain.rows[0], chain.starts[0]
             accepted = accepted_prefix(scores, threshold=cfg.threshold)
+            policy.observe(drafted=len(drafts), accepted=accepted)
             counts.rounds += 1
             counts.verify_passes += 1
             counts.drafted += len(drafts)
