@@ -33,9 +33,21 @@ COMMANDS = {
     "train_verifier_stage2": "python -m specreason_models.train --out models/builtin --role verifier "
                              "--init models/builtin --seed 1 --steps 450 --batch 32 --lr 5e-4 --threads 1 "
                              "--max-ops 12 --eval-every 450 --eval-n 330",
+    # stage 3: long chains only (6-12 steps, the stage-2 verifier's weak end), fresh data (seed 2)
+    "train_verifier_stage3": "python -m specreason_models.train --out models/builtin --role verifier "
+                             "--init models/builtin --seed 2 --steps 400 --batch 32 --lr 3e-4 --threads 1 "
+                             "--max-ops 12 --min-ops 6 --eval-every 200 --eval-n 330",
+    # stage 4: all lengths again at a low rate (stage 3 cost the 4-step chains a few points)
+    "train_verifier_stage4": "python -m specreason_models.train --out models/builtin --role verifier "
+                             "--init models/builtin --seed 3 --steps 200 --batch 32 --lr 2e-4 --threads 1 "
+                             "--max-ops 12 --eval-every 200 --eval-n 330",
     "train_speculator": "python -m specreason_models.train --out models/builtin --role speculator "
                         "--init models/builtin-v1 --seed 0 --steps 800 --batch 64 --lr 1e-3 --threads 1 "
                         "--max-ops 12 --curriculum-start 4 --ramp 0.3",
+    # stage 2: 3000 more steps on uniform 2-12 chains (fresh data: seed 2)
+    "train_speculator_stage2": "python -m specreason_models.train --out models/builtin --role speculator "
+                               "--init models/builtin --seed 2 --steps 3000 --batch 64 --lr 1e-3 --threads 1 "
+                               "--max-ops 12 --eval-every 1000 --eval-n 330",
     "evaluate": "python -m specreason_models.evaluate --model models/builtin/verifier --n 1000",
     "value_head": "python -m specreason_models.value_head --out models/builtin/verifier --seed 0 --synthetic 4000 "
                   "--sampled 4000 --heldout 1000 --threads 1",
