@@ -50,7 +50,7 @@ COMMANDS = {
                                "--max-ops 12 --eval-every 1000 --eval-n 330",
     "evaluate": "python -m specreason_models.evaluate --model models/builtin/verifier --n 1000",
     "value_head": "python -m specreason_models.value_head --out models/builtin/verifier --seed 0 --synthetic 4000 "
-                  "--sampled 4000 --heldout 1000 --threads 1",
+                  "--sampled 4000 --heldout 1000 --threads 2",
     "timing": "python -m specreason_models.timing",
     "record": "python -m specreason_models.record --n 1000",
 }
