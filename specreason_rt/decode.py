@@ -69,18 +69,23 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
         raise ConfigError(f"active must have one flag per branch ({branches})")
     if not running.any():
         return outs
-    branch_of_row = np.arange(branches)  # cache row j holds branch branch_of_row[j] (rows move when evicting)
+    # The loop below runs once per token: per-branch state lives in Python lists (a few branches, where numpy's
+    # per-call cost would be most of the time), the arrays are built once per forward.
+    is_running: list[bool] = running.tolist()
+    limit_of: list[int] = limits.tolist()
+    branch_of_row: list[int] = list(range(branches))  # cache row j holds branch branch_of_row[j]
     # Only the repetition penalty reads the history: skip turning it into arrays every step otherwise.
     needs_history = params.repetition_penalty != 1.0
     while True:
         # 1. Sample one token for every running branch (logits has one row per cache row).
-        rows = np.flatnonzero(running[branch_of_row])
-        live = branch_of_row[rows]
+        rows = [j for j, b in enumerate(branch_of_row) if is_running[b]]
+        live = [branch_of_row[j] for j in rows]
+        row_logits = logits if len(rows) == len(branch_of_row) else logits[rows]
         row_history = [np.asarray(history[b], np.int64) for b in live] if needs_history else None
         row_rng = rng if rngs is None else [rngs[b] for b in live]
-        tokens, logprobs = sample(logits=logits[rows], params=params, rng=row_rng, history=row_history)
+        tokens, logprobs = sample(logits=row_logits, params=params, rng=row_rng, history=row_history)
         # 2. Record it and check this branch's stops, in order of precedence.
-        for b, tok, lp in zip(live.tolist(), tokens.tolist(), logprobs.tolist(), strict=True):
+        for b, tok, lp in zip(live, tokens.tolist(), logprobs.tolist(), strict=True):
             out = outs[b]
             out.tokens.append(tok)
             out.logprobs.append(lp)
@@ -94,20 +99,21 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
                 out.finish = "step"
             elif stop_strings and any(s in tokenizer.decode(out.tokens) for s in stop_strings):
                 out.finish = "stop"
-            elif len(out.tokens) >= limits[b]:
+            elif len(out.tokens) >= limit_of[b]:
                 out.finish = "length"
             if out.finish:
-                running[b] = False
-        if not running.any():
+                is_running[b] = False
+        n_running = sum(is_running)
+        if not n_running:
             break
-        if evict_finished and 2 * int(running.sum()) <= cache.branches:
+        if evict_finished and 2 * n_running <= cache.branches:
             # Drop finished branches from the cache so the batch shrinks. A gather copies the cache, so it
             # runs only when at least half the rows are finished: the copies stay a bounded share of the work.
-            keep = np.flatnonzero(running[branch_of_row])
+            keep = [j for j, b in enumerate(branch_of_row) if is_running[b]]
             cache.gather(keep)
-            branch_of_row = branch_of_row[keep]
+            branch_of_row = [branch_of_row[j] for j in keep]
         # 3. One forward: running branches feed their new token, finished ones feed nothing.
-        feed = [[outs[b].tokens[-1]] if running[b] else [] for b in branch_of_row.tolist()]
+        feed = [[outs[b].tokens[-1]] if is_running[b] else [] for b in branch_of_row]
         logits = model.forward(cache=cache, tokens=feed)
     for out in outs:
         out.text = tokenizer.decode(out.tokens)

@@ -126,8 +126,9 @@ class RoleModel:
             raise ConfigError(f"the {self.entry.role} of this bundle has no value head: export the verifier with a "
                               "value head (specreason-export --value-head FILE; the built-in verifier has one by "
                               "default) to score with values")
-        n_new = np.array([len(t) for t in tokens], np.int64)  # [branches]
-        width = max(int(n_new.max()), 1)
+        counts = [len(t) for t in tokens]
+        n_new = np.array(counts, np.int64)  # [branches]
+        width = max(max(counts, default=0), 1)
         chunk = max(int(self.prefill_chunk), 1)
         # GroupQueryAttention refuses several new tokens on top of a cache at branches > 1 (the engine then runs
         # branch by branch), so a batched gqa prefill is chunked only when it is a single branch.
@@ -139,9 +140,13 @@ class RoleModel:
     def _forward_once(self, *, cache: KVCache, tokens: list[list[int]], n_new: np.ndarray, all_logits: bool,
                       values: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         width = max(int(n_new.max()), 1)
-        ids = np.full((cache.branches, width), self.generation.pad_id, np.int64)  # [branches, width]
-        for b, t in enumerate(tokens):
-            ids[b, :len(t)] = t
+        if width == 1:  # a decode step (one token or none per branch): built in one call, it runs per token
+            pad = self.generation.pad_id
+            ids = np.array([[t[0] if len(t) else pad] for t in tokens], np.int64)  # [branches, 1]
+        else:
+            ids = np.full((cache.branches, width), self.generation.pad_id, np.int64)  # [branches, width]
+            for b, t in enumerate(tokens):
+                ids[b, :len(t)] = t
         if all_logits:
             index = np.tile(np.arange(width, dtype=np.int64), (cache.branches, 1))  # [branches, width]
         else:

@@ -224,8 +224,14 @@ def sample(*, logits: np.ndarray, params: SamplingParams, rng: np.random.Generat
     seed gives the same tokens. rng may be one generator per branch (branches of different requests sharing a
     batch keep their own streams: a request samples the same tokens batched or alone).
     """
-    rows = np.arange(logits.shape[0])
     x = _penalized(logits, params=params, history=history)  # [branches, vocab]
+    if params.greedy and x is logits:
+        # Greedy on unpenalised logits: the chosen token is the row's max, so its log-probability is
+        # -log(sum(exp(x - max))). This runs once per decoded token: the fewest numpy calls.
+        top = x.max(axis=-1, keepdims=True)  # [branches, 1]
+        lse = np.log(np.exp(x - top).sum(axis=-1))  # [branches]: logsumexp minus the max
+        return x.argmax(axis=-1).astype(np.int64), (-lse).astype(np.float32)
+    rows = np.arange(logits.shape[0])
     if params.greedy:
         tokens = np.argmax(x, axis=-1)  # where processed_logprobs puts its point mass, without building it
     else:

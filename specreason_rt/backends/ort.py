@@ -97,9 +97,10 @@ class OrtEngine(Engine):
             return self._step_plain(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
                                     want_value=want_value)
         branches, new = input_ids.shape
+        longest = int(cache.lengths.max())
         # The padded tail of a row is written past the branch's length and never attended: reserve room for it.
-        cache.reserve(int(cache.lengths.max()) + new)
-        if new > 1 and branches > 1 and int(cache.lengths.max()) > 0:
+        cache.reserve(longest + new)
+        if new > 1 and branches > 1 and longest > 0:
             # ONNX Runtime's GroupQueryAttention takes several new tokens on top of a cache for batch 1 only,
             # so such a call (verifying drafted steps, say) runs branch by branch on views of the cache.
             rows = [self._run_gqa(keys=[k[b:b + 1] for k in cache.keys], values=[v[b:b + 1] for v in cache.values],
@@ -115,16 +116,16 @@ class OrtEngine(Engine):
         else:
             logits, value = self._run_gqa(keys=cache.keys, values=cache.values, lengths=cache.lengths,
                                           input_ids=input_ids, logits_index=logits_index, reuse=True,
-                                          want_value=want_value)
+                                          want_value=want_value, longest=longest)
         cache.lengths = cache.lengths + n_new
         return logits, value
 
     def _run_gqa(self, *, keys: list[np.ndarray], values: list[np.ndarray], lengths: np.ndarray,
-                 input_ids: np.ndarray, logits_index: np.ndarray, reuse: bool, want_value: bool
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+                 input_ids: np.ndarray, logits_index: np.ndarray, reuse: bool, want_value: bool,
+                 longest: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         new = input_ids.shape[1]
-        seqlens = (lengths + new - 1).astype(np.int32)  # [branches]: every row counts as `new` tokens long
-        total = np.array(int(lengths.max()) + new, np.int32)
+        seqlens = (lengths + (new - 1)).astype(np.int32)  # [branches]: every row counts as `new` tokens long
+        total = np.array((int(lengths.max()) if longest is None else longest) + new, np.int32)
         arrays = [*keys, *values]
         same = len(arrays) == len(self._bound_arrays) and all(
             a is b for a, b in zip(arrays, self._bound_arrays, strict=True))
@@ -165,14 +166,15 @@ class OrtEngine(Engine):
     def _run_bound(self, binding: ort.IOBinding, *, input_ids: np.ndarray, seqlens: np.ndarray, total: np.ndarray,
                    logits_index: np.ndarray) -> np.ndarray:
         """Run a reused binding whose small inputs and logits output live in arrays refilled in place."""
+        inputs = self._inputs
         for name, array, dtype in (("input_ids", input_ids, np.int64), ("seqlens_k", seqlens, np.int32),
                                    ("total_sequence_length", total, np.int32),
                                    ("logits_index", logits_index, np.int64)):
-            held = self._inputs.get(name)
+            held = inputs.get(name)
             if held is not None and held.shape == array.shape:
-                held[...] = array
+                np.copyto(held, array)
             else:
-                held = self._inputs[name] = np.array(array, dtype=dtype)  # a fresh, contiguous copy
+                held = inputs[name] = np.array(array, dtype=dtype)  # a fresh, contiguous copy
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(held))
         shape = (*logits_index.shape, self.vocab)  # [branches, k, vocab]
         if self._logits_out is None or self._logits_out.shape != shape:
