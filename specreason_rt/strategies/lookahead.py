@@ -16,8 +16,9 @@ threshold 0 every draft is accepted and the output is exactly the speculator's (
 stepwise.adaptive_lookahead makes L the most steps a round drafts; LookaheadPolicy picks each round's count from
 the run's recent acceptance rate (deterministic, so a seed still reproduces a run).
 
-stepwise.overlap pipelines the two models: while the verifier scores chain r (in a worker thread), the
-speculator drafts chain r+1 as if chain r passes whole. If it does, chain r+1 is ready; if not, chain r+1 is
+stepwise.overlap pipelines the two models: while the verifier prefills the prompt (in a worker thread), the
+speculator drafts the first chain; while the verifier scores chain r, the speculator drafts chain r+1 as if
+chain r passes whole. If it does, chain r+1 is ready; if not, chain r+1 is
 dropped with the rejected steps (the same rewind). Always drafting the whole next chain, whatever the timing,
 keeps a seed reproducing a run; the output differs from the sequential loop's only through the speculator's
 RNG draws spent on dropped chains (threshold 0 and above-the-scale are unchanged).
@@ -123,7 +124,22 @@ def run_lookahead(run: Run) -> RunResult:
 def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
     start = time.perf_counter()
     cfg = run.config.stepwise
-    spec, ver = run.context("speculator"), run.context("verifier")
+    scorer = run.scorer  # built here, not lazily inside the worker thread
+    policy = LookaheadPolicy(most=cfg.lookahead, adaptive=cfg.adaptive_lookahead)
+    spec = run.context("speculator")
+    ahead: Chain | None = None  # overlap: the chain drafted while the previous one was scored
+    if pool is not None and cfg.first_n_steps_verifier == 0:
+        # Overlap from the start: the verifier prefills its prompt in the worker thread while the speculator
+        # drafts the first chain (the same draws the loop would make, so the output does not change).
+        prefill = pool.submit(run.context, "verifier")
+        try:
+            with run.timer.phase("speculate"):
+                ahead = draft_chain(run, spec=spec, traj=Trajectory(), lookahead=policy.size())
+            run.tokens["speculator"] += sum(len(d.tokens) for d in ahead.drafts)
+        finally:
+            ver = prefill.result()  # never leave the verifier running on its own
+    else:
+        ver = run.context("verifier")
     v_tok = run.bundle.tokenizers["verifier"]
     v_params = run.params["verifier"]
     can_reuse = cfg.reuse_draft_prefix and v_params.greedy and v_params.repetition_penalty == 1.0
@@ -145,9 +161,6 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
         with run.timer.phase("verify"):
             return score_chains(scorer, ver, [spans])
 
-    scorer = run.scorer  # built here, not lazily inside the worker thread
-    policy = LookaheadPolicy(most=cfg.lookahead, adaptive=cfg.adaptive_lookahead)
-    ahead: Chain | None = None  # overlap: the chain drafted while the previous one was scored
     while not traj.finish:
         reuse_span: list[int] = []
         rejected: Candidate | None = None
