@@ -151,6 +151,8 @@ def _tokenizer_signature(tokenizer_json: Path) -> str:
 KV_OUTPUTS = {
     "plain": "new tokens only; the runtime writes them into its cache",
     "gqa": "present is the past buffer itself: bind both to the runtime's cache (IO binding), updated in place",
+    "prefix": "new tokens only, as plain; prefix_key/value [1, kv_heads, prefix_tokens, head_dim] is one segment "
+              "every branch attends to (a forked prompt, held once), past the tokens each branch added after it",
 }
 
 
