@@ -2,8 +2,9 @@
 
 Three graph variants (export/graph.py): "plain" graphs return the new tokens' keys/values, which `step`
 writes into the cache; "prefix" graphs are plain graphs that also read a shared prefix segment (the prompt
-that forked branches share, kv_cache.py), an empty one when the cache has none; "gqa" graphs use GroupQueryAttention with past and present bound to the cache's
-own buffers (IO binding), so the op writes the new entries in place and a decode step copies no cache.
+that forked branches share, kv_cache.py), an empty one when the cache has none; "gqa" graphs use
+GroupQueryAttention with past and present bound to the cache's own buffers (IO binding), so the op writes the
+new entries in place and a decode step copies no cache.
 A graph exported with a value head has the extra output `value` [branches, k]; only `step_with_values`
 fetches it, so `step` costs what it costs on a graph without a head.
 """
