@@ -152,6 +152,23 @@ class ModelEntry:
     validation: dict[str, Any]
     value_head: dict[str, Any] | None = None  # bundles written before value heads have none
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether branches forked from one prompt hold its keys/values once (the "prefix" attention variant)."""
+        return self.kv_cache.get("attention") == "prefix"
+
+    def kv_cache_bytes(self, *, branches: int, tokens: int, prompt_tokens: int = 0) -> int:
+        """The KV cache of `branches` branches of `tokens` tokens each (fp32), the first `prompt_tokens` of them
+        one prompt the branches were forked from: held once when this graph shares prefixes and the prompt is
+        long enough to be shared (kv_cache.py), else once per branch."""
+        from .kv_cache import SHARED_PREFIX_MIN_TOKENS
+
+        per_token = self.architecture.kv_bytes_per_token()
+        prompt = min(prompt_tokens, tokens)
+        if branches > 1 and self.shares_prefix and prompt >= SHARED_PREFIX_MIN_TOKENS:
+            return (prompt + branches * (tokens - prompt)) * per_token
+        return branches * tokens * per_token
+
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["generation"]["eos_ids"] = list(self.generation.eos_ids)

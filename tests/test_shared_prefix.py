@@ -251,3 +251,44 @@ def test_the_shared_run_held_the_prompt_once(builtin_prefix_bundle: Path) -> Non
     ctx = Context(model=model, tokenizer=tok, prompt=prompt, room=32)
     ctx.gather([0] * 4)
     assert ctx.cache.prefix_len == len(prompt) and ctx.cache.prefix_keys[0].shape[0] == 1
+
+
+# -- what info and the bench report -----------------------------------------------------------------------------
+
+def test_info_says_what_forked_branches_cost(tiny_prefix_bundle: Path, tiny_bundle: Path) -> None:
+    from specreason_rt.manifest import load_manifest
+    from tests.test_cli import run
+
+    entry = load_manifest(tiny_prefix_bundle).models["speculator"]
+    per_token = entry.architecture.kv_bytes_per_token()
+    assert entry.kv_cache_bytes(branches=8, tokens=128, prompt_tokens=100) == (100 + 8 * 28) * per_token
+    assert entry.kv_cache_bytes(branches=8, tokens=128, prompt_tokens=10) == 8 * 128 * per_token  # under the minimum
+    shared = run("info", "--bundle", str(tiny_prefix_bundle), "--branches", "8", "--context", "128",
+                 "--prompt-tokens", "100")
+    assert shared.returncode == 0, shared.stderr
+    mib = (100 + 8 * 28) * per_token / 2**20
+    assert shared.stdout.count(f"forked from one 100-token prompt: {mib:.1f} MiB, the prompt held once") == 2
+    copies = run("info", "--bundle", str(tiny_bundle), "--branches", "8", "--context", "128", "--prompt-tokens", "100")
+    assert copies.stdout.count(f"every branch copies the prompt (a bundle exported with --attention prefix holds "
+                               f"it once: {mib:.1f} MiB)") == 2
+    bad = run("info", "--bundle", str(tiny_bundle), "--prompt-tokens", "-3")
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == ["specreason: error: --prompt-tokens must be "
+                                                                       ">= 0, got -3"]
+
+
+def test_bench_decode_fork_reports_the_kv_held(tiny_prefix_bundle: Path, tiny_bundle: Path) -> None:
+    import json
+
+    from tests.test_cli import run
+
+    res = run("bench", "decode", "--bundle", str(tiny_prefix_bundle), "--fork", "--peer", "specreason-rt:gqa",
+              str(tiny_bundle), "--branches", "4", "--contexts", "100", "--steps", "2", "--windows", "2", "--warmup",
+              "1", "--no-floor", "--threads", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    systems = json.loads(res.stdout)["cells"][0]["systems"]
+    assert set(systems) == {"specreason-rt", "specreason-rt:copies", "specreason-rt:gqa"}
+    per_token = 2 * 2 * 2 * 16 * 4  # keys + values, 2 layers, 2 kv heads, head size 16, fp32
+    held = {name: s["kv_bytes"] for name, s in systems.items()}
+    assert systems["specreason-rt"]["shared_prefix_tokens"] == 100
+    assert held["specreason-rt"] < 2 * 100 * per_token  # the prompt once, plus each branch's few tokens
+    assert held["specreason-rt:copies"] >= 4 * 100 * per_token and held["specreason-rt:gqa"] >= 4 * 100 * per_token
