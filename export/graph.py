@@ -446,7 +446,10 @@ class BranchDecoder(nn.Module):
                     # All branches' queries of one KV head form the rows of one product with that head's prefix
                     # keys: [kv, branches * groups * new, head_dim] x [kv, head_dim, prefix] (no per-branch copy).
                     rows = qg.transpose(0, 1).reshape(self.kv_heads, branches * self.groups * new, self.head_dim)
-                    pre = torch.matmul(rows, shared[0][0].transpose(-1, -2)) * self._scaling(attn)  # [kv, rows, P]
+                    # reshape, not [0]: indexing traces to a Gather that copies the prefix every forward, a
+                    # reshape aliases it
+                    prefix_k = shared[0].reshape(self.kv_heads, -1, self.head_dim)  # [kv, prefix, head_dim]
+                    pre = torch.matmul(rows, prefix_k.transpose(-1, -2)) * self._scaling(attn)  # [kv, rows, P]
                     pre = pre.reshape(self.kv_heads, branches, self.groups, new, -1).transpose(0, 1)
                     if self.attn_softcap:
                         pre = torch.tanh(pre / self.attn_softcap) * self.attn_softcap
@@ -465,7 +468,8 @@ class BranchDecoder(nn.Module):
                 else:
                     pre_probs = probs[..., :prefix].transpose(0, 1).reshape(
                         self.kv_heads, branches * self.groups * new, -1)  # [kv, rows, prefix]
-                    pre_out = torch.matmul(pre_probs, shared[1][0])  # [kv, rows, head_dim]
+                    prefix_v = shared[1].reshape(self.kv_heads, -1, self.head_dim)  # [kv, prefix, head_dim]
+                    pre_out = torch.matmul(pre_probs, prefix_v)  # [kv, rows, head_dim]
                     pre_out = pre_out.reshape(self.kv_heads, branches, self.groups, new, self.head_dim).transpose(0, 1)
                     out = pre_out + torch.matmul(probs[..., prefix:], values)  # [b, kv, g, new, head_dim]
                 out = out.reshape(branches, self.heads, new, self.head_dim).transpose(1, 2)
