@@ -191,14 +191,15 @@ def _bench_decode(args: argparse.Namespace) -> int:
     floor_ms = None
     if not args.no_floor:
         floor_ms = _weight_bytes(Path(args.bundle), entry.file) / (read_bandwidth_gbs() * 1e9) * 1e3
-    ours = ours_spec(bundle=args.bundle, role=args.role)
-    if args.fork:
-        ours = SystemSpec(name=ours.name, command=(*ours.command, "--fork"))
-    mine = [ours]
+    base = ours_spec(bundle=args.bundle, role=args.role)
+    fork = ("--fork",) if args.fork else ()
+    share = () if args.min_shared_prefix is None else ("--min-shared-prefix", str(args.min_shared_prefix))
+    mine = [SystemSpec(name=base.name, command=(*base.command, *fork, *share))]
     if args.fork and entry.kv_cache.get("attention") == "prefix":
         # The same graph with every fork copied (no shared prefix): the path a prefix bundle takes below
         # SHARED_PREFIX_MIN_TOKENS, so the crossover can be read off one run.
-        mine.append(SystemSpec(name=f"{OURS}:copies", command=(*ours.command, "--min-shared-prefix", str(2**40))))
+        mine.append(SystemSpec(name=f"{OURS}:copies", command=(*base.command, *fork, "--min-shared-prefix",
+                                                               str(2**40))))
     specs = _systems(args, ours=mine)
 
     def body(workers: list[Worker]) -> dict[str, Any]:
@@ -404,6 +405,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="ours prefill the prompt once and fork it into the B branches (as best-of-n does) and "
                              "report the KV bytes held; a prefix bundle also runs as specreason-rt:copies (every "
                              "branch its own copy). Compare another of our bundles with --peer specreason-rt:LABEL DIR")
+    decode.add_argument("--min-shared-prefix", type=int, default=None, metavar="N",
+                        help="with --fork on a prefix bundle: share prompts of at least N tokens (default: the "
+                             "runtime's SHARED_PREFIX_MIN_TOKENS)")
     decode.set_defaults(func=_bench_decode)
 
     prefill = bench_sub.add_parser("prefill", help="one prompt for N branches (ours: prefilled once, forked)")

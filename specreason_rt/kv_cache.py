@@ -13,20 +13,27 @@ several (`fork`, or `gather` from one branch to many), its tokens move into a *p
 only what each branch adds after it (its *suffix*): token t >= prefix_len of branch b sits in slot
 t - prefix_len. `lengths` still counts every token of a branch, prefix included, so callers see no difference.
 Branches keep sharing the prefix through gather, append and rewinds above it; an operation that needs a branch's
-own copy of prefix tokens (a rewind into the prefix, joining a cache with another prefix) first gives every
-branch its copy (`materialize`: the unshared layout). A fork of a prompt shorter than `min_prefix` tokens copies
-it into every branch as before (see SHARED_PREFIX_MIN_TOKENS).
+own copy of prefix tokens (a rewind into the prefix at several branches, joining a cache with another prefix)
+first gives every branch its copy (`materialize`: the unshared layout). A fork of a prompt shorter than
+`min_prefix` tokens copies it into every branch as before (see SHARED_PREFIX_MIN_TOKENS).
+A cache of one branch *folds* its tokens into the prefix segment as it grows (`_fold_due`): the graph reads the
+segment in place but concatenates the per-branch past every forward, so a long single-branch context (a
+prompt before its fork, one trajectory decoding) is best kept there; a rewind of it into the prefix cuts the
+segment.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from .errors import CacheLimitError
 
-# A fork shares the prompt only from this many tokens on; shorter prompts are copied into every branch (the
-# unshared layout costs little there and runs one MatMul fewer per layer). See BENCHMARKS.md "Shared prefix".
-SHARED_PREFIX_MIN_TOKENS = 64
+# A fork shares the prompt only from this many tokens on; shorter prompts are copied into every branch. Measured
+# (SmolLM2 fp32, B=8 decode, BENCHMARKS.md "Shared prefix"): shared and copied run alike at 16 tokens, shared is
+# 1.4x faster at 64 and 2.3x at 256 (the copied layout concatenates every branch's whole past each forward).
+SHARED_PREFIX_MIN_TOKENS = 16
 
 
 class KVCache:
@@ -120,6 +127,10 @@ class KVCache:
                 self.keys[layer][b, :, start:start + n] = new_keys[layer][b, :, :n]
                 self.values[layer][b, :, start:start + n] = new_values[layer][b, :, :n]
         self.lengths = self.lengths + n_new
+        if self.share_prefix and self.branches == 1 and self._fold_due():
+            # One branch alone reads its older tokens from the prefix segment too: the graph then concatenates
+            # only its recent ones every forward, not the whole context.
+            self._fold()
 
     def gather(self, rows: np.ndarray | list[int]) -> None:
         """Keep, reorder or duplicate branches: new branch j is old branch rows[j].
@@ -154,16 +165,27 @@ class KVCache:
         self.values = [joined(a, b) for a, b in zip(self.values, other.values, strict=True)]
         self.lengths = np.concatenate([self.lengths, other.lengths])
 
-    def _share(self) -> None:
-        """Move the single branch's tokens into the shared prefix before it is forked.
+    def _fold_due(self) -> bool:
+        """Whether the single branch's own tokens should join the prefix segment.
 
-        A branch that already sits on a prefix (a stepwise run forks candidates every step) keeps it while
-        its own tokens are fewer than the prefix's: its suffix is copied per branch. Past that the prefix is
-        extended by them (one copy of prefix + suffix), so copies stay proportional to the tokens added."""
+        The first time from min_prefix tokens on. After that when its own tokens reach sqrt(2 * prefix_len)
+        (and min_prefix): the branch's own tokens are concatenated by the graph every forward (about half that
+        many on average) and a fold copies the prefix once, so this threshold minimises the copying per token."""
+        length = int(self.lengths[0])
+        if not self.prefix_len:
+            return length >= self.min_prefix
+        return length - self.prefix_len >= max(self.min_prefix, math.isqrt(2 * self.prefix_len))
+
+    def _share(self) -> None:
+        """Before a fork of the single branch: fold its tokens into the prefix segment when due (else its few own
+        tokens are copied into every branch by the gather)."""
+        if self._fold_due():
+            self._fold()
+
+    def _fold(self) -> None:
+        """Move the single branch's own tokens into the prefix segment (one copy of prefix + them)."""
         length = int(self.lengths[0])
         suffix = length - self.prefix_len
-        if (self.prefix_len == 0 and length < self.min_prefix) or (self.prefix_len and suffix < self.prefix_len):
-            return
         own_k = [k[:, :, :suffix] for k in self.keys]  # [1, kv_heads, suffix, head_dim]
         own_v = [v[:, :, :suffix] for v in self.values]
         if self.prefix_len:
@@ -212,6 +234,11 @@ class KVCache:
         """Drop the tail of one branch (a rejected step) back to `length` tokens."""
         if not 0 <= length <= self.lengths[branch]:
             raise ValueError(f"cannot rewind branch {branch} of length {self.lengths[branch]} to {length}")
-        if length < self.prefix_len:
+        if length < self.prefix_len and self.branches == 1:
+            # Nobody else reads the prefix: cut it (one copy of what stays, contiguous for the graph).
+            self.prefix_keys = [np.ascontiguousarray(p[:, :, :length]) for p in self.prefix_keys]
+            self.prefix_values = [np.ascontiguousarray(p[:, :, :length]) for p in self.prefix_values]
+            self.prefix_len = length
+        elif length < self.prefix_len:
             self.materialize()  # the branch drops tokens the others keep: it needs its own copy
         self.lengths[branch] = length

@@ -148,6 +148,25 @@ def test_a_fork_of_a_forked_branch_extends_the_prefix_only_when_its_tokens_outnu
     _same_branches(cache, ref)
 
 
+def test_one_branch_folds_its_tokens_into_the_prefix_and_a_rewind_cuts_it() -> None:
+    shared, copies = _cache(share=True), _cache(share=False)
+    shared.min_prefix = 4
+    seen = []
+    for n in [3, 2, 1, 1, 1, 6, 1]:  # folds at 5 tokens, then whenever its own reach max(4, sqrt(2 * prefix))
+        for cache in (shared, copies):
+            _append(cache, np.random.default_rng(n), [n])
+        seen.append(shared.prefix_len)
+        _same_branches(shared, copies)
+    assert seen == [0, 5, 5, 5, 5, 14, 14]
+    for cache in (shared, copies):
+        cache.rewind(0, 9)
+    assert shared.prefix_len == 9 and shared.prefix_keys[0].flags.c_contiguous
+    _same_branches(shared, copies)
+    for cache in (shared, copies):
+        _append(cache, np.random.default_rng(9), [2])
+    _same_branches(shared, copies)
+
+
 def test_short_prompts_and_the_memory_limit() -> None:
     cache = KVCache(layers=1, kv_heads=1, head_dim=4, branches=1, max_context=64, capacity=8, share_prefix=True,
                     min_prefix=16)
