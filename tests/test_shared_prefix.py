@@ -311,3 +311,30 @@ def test_bench_decode_fork_reports_the_kv_held(tiny_prefix_bundle: Path, tiny_bu
     assert systems["specreason-rt"]["shared_prefix_tokens"] == 100
     assert held["specreason-rt"] < 2 * 100 * per_token  # the prompt once, plus each branch's few tokens
     assert held["specreason-rt:copies"] >= 4 * 100 * per_token and held["specreason-rt:gqa"] >= 4 * 100 * per_token
+
+
+def test_the_serving_batch_on_a_prefix_bundle_reproduces_runs_alone(builtin_prefix_bundle: Path,
+                                                                     builtin_bundle: Path) -> None:
+    """Lanes join (concat: caches with different prefixes are unshared first), leave (gather) and fall back to
+    one lane (folded into its prefix) in the pool's batch; best_of_n and tree run alone on the same worker. Default
+    sharing threshold: some prompts are shorter than it, most are not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from specreason_models.task import heldout_split
+    from specreason_rt.pool import ReasonerPool
+
+    problems = [p.question for p in heldout_split(n=8)]
+    jobs = [(q, make_config(strategy="stepwise", seed=i, **{"stepwise.threshold": [5, 8.9][i % 2],
+                                                             "stepwise.lookahead": [1, 3][i % 2]}))
+            for i, q in enumerate(problems)]
+    jobs += [(problems[0], make_config(strategy="best_of_n", seed=3)),
+             (problems[1], make_config(strategy="tree", seed=4, **{"search.beam_width": 2}))]
+    alone = Reasoner(builtin_bundle)
+    expected = [alone.run(q, c).text for q, c in jobs]
+    pool = ReasonerPool(builtin_prefix_bundle, workers=1, queue_size=64, max_batch=4)
+    try:
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            got = [f.result(timeout=300).text for f in [ex.submit(pool.run, q, c) for q, c in jobs]]
+    finally:
+        pool.close()
+    assert got == expected
