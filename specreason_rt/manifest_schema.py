@@ -82,13 +82,15 @@ _KV_CACHE = {
         "present_key": _KV_NAME, "present_value": _KV_NAME, "prefix_key": _KV_NAME, "prefix_value": _KV_NAME,
         "layout": {"type": "array", "maxItems": 8, "items": _STR}, "dtype": {"enum": list(DTYPES)}, "outputs": _STR,
     },
-    # plain graphs return the new entries, gqa graphs the updated buffers: each needs its own output names.
+    # plain graphs return the new entries, gqa graphs the updated buffers: each needs its own output names;
     # prefix graphs are plain graphs that also read the shared segment.
-    "if": {"properties": {"attention": {"const": "gqa"}}},
-    "then": {"required": ["present_key", "present_value"]},
-    "else": {"required": ["new_key", "new_value"],
-             "if": {"properties": {"attention": {"const": "prefix"}}},
-             "then": {"required": ["prefix_key", "prefix_value"]}},
+    "allOf": [
+        {"if": {"properties": {"attention": {"const": "gqa"}}}, "then": {"required": ["present_key", "present_value"]}},
+        {"if": {"properties": {"attention": {"enum": ["plain", "prefix"]}}},
+         "then": {"required": ["new_key", "new_value"]}},
+        {"if": {"properties": {"attention": {"const": "prefix"}}},
+         "then": {"required": ["prefix_key", "prefix_value"]}},
+    ],
     "additionalProperties": False,
 }
 _MODEL = {
