@@ -338,3 +338,52 @@ def test_the_serving_batch_on_a_prefix_bundle_reproduces_runs_alone(builtin_pref
     finally:
         pool.close()
     assert got == expected
+
+
+# -- every family's prefix graph against transformers, forked contexts past the sliding windows -----------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3"])
+def test_family_prefix_graph_matches_transformers_when_forked(family: str, tmp_path: Path) -> None:
+    """A tiny sharp model of each family (tests/test_families.py): the prefix export validates (no prefix), and a
+    30-token prompt held as the shared segment, forked into 3 branches that add 5 / 12 / 20 tokens in one ragged
+    forward and then decode 3 tokens each, gives transformers' logits on each branch's whole sequence (contexts
+    past every window, so the segment's window mask, soft-caps and per-layer rope tables are all exercised)."""
+    torch = pytest.importorskip("torch")
+    from specreason_export.onnx_export import KV_NAMES
+    from specreason_rt.backends.ort import OrtEngine
+    from tests.test_families import export_and_validate, tiny_model
+
+    model = tiny_model(family)
+    report = export_and_validate(model, tmp_path, "prefix")
+    assert report["passed"], report
+    cfg = model.config
+    engine = OrtEngine(model_path=tmp_path / "prefix.onnx", layers=cfg.num_hidden_layers, kv_names=KV_NAMES["prefix"],
+                       attention="prefix")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache = KVCache(layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads, head_dim=head_dim, branches=1,
+                    max_context=cfg.max_position_embeddings, share_prefix=True, min_prefix=1)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, cfg.vocab_size, (30,), generator=g).tolist()
+    engine.step(cache=cache, input_ids=np.array([prompt]), n_new=np.array([30]), logits_index=np.zeros((1, 1), np.int64))
+    cache.fork(3)
+    assert cache.prefix_len == 30
+    own = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 12, 20)]
+    ids = np.zeros((3, 20), np.int64)
+    for b, t in enumerate(own):
+        ids[b, :len(t)] = t
+    index = np.tile(np.arange(20), (3, 1))
+    rows = [list(r) for r in engine.step(cache=cache, input_ids=ids, n_new=np.array([5, 12, 20]), logits_index=index)]
+    rows = [r[:len(t)] for r, t in zip(rows, own, strict=True)]
+    for _ in range(3):
+        nxt = [int(r[-1].argmax()) for r in rows]
+        for b, t in enumerate(own):
+            t.append(nxt[b])
+        out = engine.step(cache=cache, input_ids=np.array(nxt)[:, None], n_new=np.ones(3, np.int64),
+                          logits_index=np.zeros((3, 1), np.int64))
+        for b in range(3):
+            rows[b].append(out[b, 0])
+    assert cache.prefix_len == 30  # shared throughout
+    for b, t in enumerate(own):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt + t])).logits[0, 30:].numpy()  # [own, vocab]
+        np.testing.assert_allclose(np.stack(rows[b]), ref, atol=1e-4)
