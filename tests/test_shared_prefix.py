@@ -364,7 +364,8 @@ def test_family_prefix_graph_matches_transformers_when_forked(family: str, tmp_p
                     max_context=cfg.max_position_embeddings, share_prefix=True, min_prefix=1)
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(3, cfg.vocab_size, (30,), generator=g).tolist()
-    engine.step(cache=cache, input_ids=np.array([prompt]), n_new=np.array([30]), logits_index=np.zeros((1, 1), np.int64))
+    engine.step(cache=cache, input_ids=np.array([prompt]), n_new=np.array([30]),
+                logits_index=np.zeros((1, 1), np.int64))
     cache.fork(3)
     assert cache.prefix_len == 30
     own = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 12, 20)]
