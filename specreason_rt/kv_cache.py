@@ -37,6 +37,12 @@ SHARED_PREFIX_MIN_TOKENS = 16
 
 
 class KVCache:
+    # No shared prefix unless __init__ says so; also what subclasses that build their own buffers inherit
+    # (backends/trt/kv.py: the device cache never shares).
+    share_prefix = False
+    min_prefix = SHARED_PREFIX_MIN_TOKENS
+    prefix_len = 0
+
     def __init__(self, *, layers: int, kv_heads: int, head_dim: int, branches: int, max_context: int,
                  capacity: int = 64, dtype: type = np.float32, max_bytes: int | None = None,
                  share_prefix: bool = False, min_prefix: int = SHARED_PREFIX_MIN_TOKENS) -> None:
