@@ -424,7 +424,7 @@ class BranchDecoder(nn.Module):
                 else None
 
             def attend(x: torch.Tensor, attn=attn, table=table, pk=pk, pv=pv, mask=masks[self.windows[i]],
-                       shared=shared, prefix_mask=prefix_masks[self.windows[i]]) -> torch.Tensor:
+                       shared=shared, prefix_mask=prefix_masks.get(self.windows[i])) -> torch.Tensor:
                 q, k, v = self._qkv(attn, x)
                 q = q.view(branches, new, self.heads, self.head_dim).transpose(1, 2)
                 k = k.view(branches, new, self.kv_heads, self.head_dim).transpose(1, 2)
