@@ -65,6 +65,7 @@ class Disabled:
     rope_tables: bool = False  # per-layer rope tables (local bases, no-rope layers, long factors) collapse to one
     embed_scale: bool = False
     sinks: bool = False
+    prefix_windows: bool = False  # the prefix variant's window mask on the shared segment
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -173,6 +174,7 @@ class BranchDecoder(nn.Module):
         if off.windows:
             self.windows = [None] * len(self.layers)
         self.sinks = family.sinks and not off.sinks
+        self.prefix_windows = not off.prefix_windows
 
         # Rope tables and which one each layer uses (None: the layer has no rope).
         # The rope module lives on the decoder body; stablelm keeps one per attention module (all equal).
@@ -411,7 +413,7 @@ class BranchDecoder(nn.Module):
             # transformers: a query at position i sees keys at positions > i - window.
             near = position_ids[:, :, None] - key_pos[:, None, :] < window  # [branches, new, total]
             masks[window] = (allowed & near)[:, None, None]
-            if prefix_keys is not None:
+            if prefix_keys is not None and self.prefix_windows:
                 prefix_pos = torch.arange(prefix, device=input_ids.device)  # [prefix]
                 prefix_masks[window] = (position_ids[:, :, None] - prefix_pos[None, None, :] < window)[:, None, None]
         floor = torch.finfo(h.dtype).min
@@ -422,9 +424,10 @@ class BranchDecoder(nn.Module):
             table = self.layer_rope[i]
             shared = (prefix_keys[i], prefix_values[i]) if prefix_keys is not None and prefix_values is not None \
                 else None
+            prefix_mask = prefix_masks.get(self.windows[i])  # None: nothing masks the prefix (or there is none)
 
             def attend(x: torch.Tensor, attn=attn, table=table, pk=pk, pv=pv, mask=masks[self.windows[i]],
-                       shared=shared, prefix_mask=prefix_masks.get(self.windows[i])) -> torch.Tensor:
+                       shared=shared, prefix_mask=prefix_mask) -> torch.Tensor:
                 q, k, v = self._qkv(attn, x)
                 q = q.view(branches, new, self.heads, self.head_dim).transpose(1, 2)
                 k = k.view(branches, new, self.kv_heads, self.head_dim).transpose(1, 2)

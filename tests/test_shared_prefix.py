@@ -356,6 +356,7 @@ def test_family_prefix_graph_matches_transformers_when_forked(family: str, tmp_p
     model = tiny_model(family)
     report = export_and_validate(model, tmp_path, "prefix")
     assert report["passed"], report
+    assert report["shared_prefix"]["max_abs_logit_diff"] < 1e-4 and report["shared_prefix"]["prefix_tokens"] == 20
     cfg = model.config
     engine = OrtEngine(model_path=tmp_path / "prefix.onnx", layers=cfg.num_hidden_layers, kv_names=KV_NAMES["prefix"],
                        attention="prefix")
@@ -388,3 +389,16 @@ def test_family_prefix_graph_matches_transformers_when_forked(family: str, tmp_p
         with torch.no_grad():
             ref = model(torch.tensor([prompt + t])).logits[0, 30:].numpy()  # [own, vocab]
         np.testing.assert_allclose(np.stack(rows[b]), ref, atol=1e-4)
+
+
+def test_export_validation_sees_a_wrong_shared_prefix(tmp_path: Path) -> None:
+    """A prefix graph that forgets the sliding window on the shared segment computes the unshared path right (so
+    the comparison with transformers passes) but not the shared one: the export's own shared-prefix check refuses
+    it."""
+    pytest.importorskip("torch")
+    from specreason_export.errors import ExportError
+    from specreason_export.graph import Disabled
+    from tests.test_families import export_and_validate, tiny_model
+
+    with pytest.raises(ExportError, match="prompt shared differ from those with the prompt copied"):
+        export_and_validate(tiny_model("mistral"), tmp_path, "prefix", disabled=Disabled(prefix_windows=True))
