@@ -61,6 +61,11 @@ ModelEntry:
                              [branches, kv_heads, past_tokens, head_dim]; outputs `new_key.{i}` /
                              `new_value.{i}` [branches, kv_heads, new_tokens, head_dim] hold ONLY the new
                              tokens' entries: the runtime owns the cache and writes them in place.
+                             `attention`: "plain" | "gqa" (present_key / present_value: the past buffers,
+                             updated in place) | "prefix" (plain, plus the inputs `prefix_key.{i}` /
+                             `prefix_value.{i}` [1, kv_heads, prefix_tokens, head_dim]: tokens 0 ..
+                             prefix_tokens - 1, one segment every branch attends to; the past, attention_mask
+                             and the slots below then cover only the tokens after it; prefix_tokens may be 0)
     tokenizer                relative path of tokenizer.json
     generation               bos_id, eos_ids, pad_id, chat_template, step_delimiter
     source                   kind ("builtin" | "hf" | "gguf"), id, {file: sha256}

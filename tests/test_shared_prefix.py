@@ -402,3 +402,15 @@ def test_export_validation_sees_a_wrong_shared_prefix(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match="prompt shared differ from those with the prompt copied"):
         export_and_validate(tiny_model("mistral"), tmp_path, "prefix", disabled=Disabled(prefix_windows=True))
+
+
+def test_gpt_oss_prefix_graph_with_sinks_and_windows(tmp_path: Path) -> None:
+    """Attention sinks join the one softmax over the shared segment and the branch's own keys: the prefix export
+    of a tiny sharp gpt_oss (window 8, sinks) matches transformers unshared and itself shared."""
+    pytest.importorskip("torch")
+    from tests.test_families import export_and_validate
+    from tests.test_moe import sharp_moe_model
+
+    report = export_and_validate(sharp_moe_model("gpt_oss"), tmp_path, "prefix")
+    assert report["passed"] and report["max_abs_logit_diff"] < 1e-4, report
+    assert report["shared_prefix"]["max_abs_logit_diff"] < 1e-4
