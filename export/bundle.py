@@ -79,6 +79,9 @@ class ExportOptions:
             if self.attention == "gqa":
                 raise ExportError("--trt needs plain attention (GroupQueryAttention is an ONNX Runtime contrib op); "
                                   "drop --attention gqa")
+            if self.attention == "prefix":
+                raise ExportError("--trt needs plain attention (the engines are built for the plain graph's inputs, "
+                                  "not the shared prefix segment); drop --attention prefix")
             object.__setattr__(self, "attention", "plain")
 
     def tolerance(self) -> Tolerance:

@@ -414,3 +414,12 @@ def test_gpt_oss_prefix_graph_with_sinks_and_windows(tmp_path: Path) -> None:
     report = export_and_validate(sharp_moe_model("gpt_oss"), tmp_path, "prefix")
     assert report["passed"] and report["max_abs_logit_diff"] < 1e-4, report
     assert report["shared_prefix"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_trt_refuses_a_prefix_export() -> None:
+    from specreason_export.bundle import ExportOptions
+    from specreason_export.errors import ExportError
+    from specreason_export.trt import TrtOptions
+
+    with pytest.raises(ExportError, match="drop --attention prefix"):
+        ExportOptions(attention="prefix", trt=TrtOptions())
