@@ -16,9 +16,9 @@ Branches keep sharing the prefix through gather, append and rewinds above it; an
 own copy of prefix tokens (a rewind into the prefix at several branches, joining a cache with another prefix)
 first gives every branch its copy (`materialize`: the unshared layout). A fork of a prompt shorter than
 `min_prefix` tokens copies it into every branch as before (see SHARED_PREFIX_MIN_TOKENS).
-A cache of one branch *folds* its tokens into the prefix segment as it grows (`_fold_due`): the graph reads the
-segment in place but concatenates the per-branch past every forward, so a long single-branch context (a
-prompt before its fork, one trajectory decoding) is best kept there; a rewind of it into the prefix cuts the
+A cache of one branch *folds* its tokens into the prefix segment as it grows (`maybe_fold`, before each
+forward): the graph reads the segment in place but concatenates the per-branch past every forward, so a long
+single-branch context (one trajectory decoding) is best kept there; a rewind of it into the prefix cuts the
 segment.
 """
 
@@ -111,6 +111,7 @@ class KVCache:
         prefix), attention_mask [branches, past + new_tokens] over those slots and the new tokens, and
         position_ids [branches, new_tokens] (absolute: the prefix counts). The prefix itself is `prefix_keys`.
         """
+        self.maybe_fold()
         suffix = self.lengths - self.prefix_len  # [branches]
         past = int(suffix.max())
         slots = np.arange(past + new_tokens)
@@ -133,10 +134,6 @@ class KVCache:
                 self.keys[layer][b, :, start:start + n] = new_keys[layer][b, :, :n]
                 self.values[layer][b, :, start:start + n] = new_values[layer][b, :, :n]
         self.lengths = self.lengths + n_new
-        if self.share_prefix and self.branches == 1 and self._fold_due():
-            # One branch alone reads its older tokens from the prefix segment too: the graph then concatenates
-            # only its recent ones every forward, not the whole context.
-            self._fold()
 
     def gather(self, rows: np.ndarray | list[int]) -> None:
         """Keep, reorder or duplicate branches: new branch j is old branch rows[j].
@@ -181,6 +178,14 @@ class KVCache:
         if not self.prefix_len:
             return length >= self.min_prefix
         return length - self.prefix_len >= max(self.min_prefix, math.isqrt(2 * self.prefix_len))
+
+    def maybe_fold(self) -> None:
+        """One branch alone: fold its own tokens into the prefix segment when due, so that the graph reads its older
+        tokens in place and concatenates only its recent ones every forward. Called before a forward (by
+        step_inputs), not after one: tokens a rewind drops right after the forward that added them (a rejected
+        draft) are never folded."""
+        if self.share_prefix and self.branches == 1 and self._fold_due():
+            self._fold()
 
     def _share(self) -> None:
         """Before a fork of the single branch: fold its tokens into the prefix segment when due (else its few own

@@ -154,10 +154,11 @@ def test_one_branch_folds_its_tokens_into_the_prefix_and_a_rewind_cuts_it() -> N
     seen = []
     for n in [3, 2, 1, 1, 1, 6, 1]:  # folds at 5 tokens, then whenever its own reach max(4, sqrt(2 * prefix))
         for cache in (shared, copies):
+            cache.maybe_fold()  # what every forward does first (step_inputs)
             _append(cache, np.random.default_rng(n), [n])
         seen.append(shared.prefix_len)
         _same_branches(shared, copies)
-    assert seen == [0, 5, 5, 5, 5, 14, 14]
+    assert seen == [0, 0, 5, 5, 5, 5, 14]  # folded before the forward after the one that made it due
     for cache in (shared, copies):
         cache.rewind(0, 9)
     assert shared.prefix_len == 9 and shared.prefix_keys[0].flags.c_contiguous
@@ -423,3 +424,17 @@ def test_trt_refuses_a_prefix_export() -> None:
 
     with pytest.raises(ExportError, match="drop --attention prefix"):
         ExportOptions(attention="prefix", trt=TrtOptions())
+
+
+def test_bench_verify_on_a_prefix_bundle(tiny_prefix_bundle: Path) -> None:
+    """Drafts on a shared 40-token context: one forward at B=3 vs one per draft at B=1. The single branch's 20
+    draft tokens would be due to join its prefix at its next forward; the bench drops them before that (a cache
+    that folded right after the forward held them in its prefix and broke)."""
+    import json
+
+    from tests.test_cli import run
+
+    res = run("bench", "verify", "--bundle", str(tiny_prefix_bundle), "--context", "40", "--drafts", "3",
+              "--draft-tokens", "20", "--repeats", "2", "--threads", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["max_abs_logit_difference"] < 1e-4
