@@ -9,7 +9,7 @@ forward (or optimum's graph) because the bundle contract needs three things thos
     so nothing copies the whole cache into a fresh "present" tensor each step;
   * grouped-query attention by broadcasting the query groups over the shared KV heads, so the
     graph never materialises repeat_kv copies of the cache. Plain ONNX ops only (TensorRT-parsable).
-Two attention variants share everything else:
+Three attention variants share everything else:
   * "plain" — standard ONNX ops only, for TensorRT and any execution provider; the graph returns the new
     tokens' keys/values and the runtime writes them into its cache.
   * "gqa"   — ONNX Runtime's GroupQueryAttention contrib op (per-branch lengths via `seqlens_k`), whose past and
