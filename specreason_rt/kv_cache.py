@@ -110,6 +110,7 @@ class KVCache:
         Returns past keys/values [branches, kv_heads, past, head_dim] (past = longest branch after the shared
         prefix), attention_mask [branches, past + new_tokens] over those slots and the new tokens, and
         position_ids [branches, new_tokens] (absolute: the prefix counts). The prefix itself is `prefix_keys`.
+        A single branch first folds its own tokens into the prefix when that is due (maybe_fold).
         """
         self.maybe_fold()
         suffix = self.lengths - self.prefix_len  # [branches]
