@@ -264,6 +264,20 @@ def test_fork_users_produce_the_same_run(reasoners: dict[str, Reasoner], strateg
             assert [c.text for c in got.candidates] == [c.text for c in ref.candidates], (name, strategy, q)
 
 
+@pytest.mark.parametrize(("strategy", "fields"), RUNS, ids=[r[0] for r in RUNS])
+def test_fork_users_on_the_tiny_llama(tiny_prefix_bundle: Path, tiny_bundle: Path, strategy: str,
+                                      fields: dict) -> None:
+    """The same on the tiny random Llama (built-in tokenizer): greedy runs on the prefix bundle, sharing from 1
+    token, against the gqa bundle of the same weights."""
+    shared = Reasoner(_sharing(Bundle(tiny_prefix_bundle), 1))
+    gqa = Reasoner(tiny_bundle)
+    config = make_config(strategy=strategy, **{"seed": 1, **fields, **GREEDY, "limits.max_tokens": 40,
+                                               "limits.max_step_tokens": 12})
+    for q in ["37+45*3", "76-24*4+11"]:
+        got, ref = shared.run(q, config), gqa.run(q, config)
+        assert got.text == ref.text and [c.text for c in got.candidates] == [c.text for c in ref.candidates]
+
+
 def test_the_shared_run_held_the_prompt_once(builtin_prefix_bundle: Path) -> None:
     bundle = _sharing(Bundle(builtin_prefix_bundle, roles=["speculator"]), 1)
     model, tok = bundle.models["speculator"], bundle.tokenizers["speculator"]
