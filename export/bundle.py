@@ -79,6 +79,9 @@ class ExportOptions:
             if self.attention == "gqa":
                 raise ExportError("--trt needs plain attention (GroupQueryAttention is an ONNX Runtime contrib op); "
                                   "drop --attention gqa")
+            if self.attention == "prefix":
+                raise ExportError("--trt needs plain attention (the engines are built for the plain graph's inputs, "
+                                  "not the shared prefix segment); drop --attention prefix")
             object.__setattr__(self, "attention", "plain")
 
     def tolerance(self) -> Tolerance:
@@ -151,6 +154,8 @@ def _tokenizer_signature(tokenizer_json: Path) -> str:
 KV_OUTPUTS = {
     "plain": "new tokens only; the runtime writes them into its cache",
     "gqa": "present is the past buffer itself: bind both to the runtime's cache (IO binding), updated in place",
+    "prefix": "new tokens only, as plain; prefix_key/value [1, kv_heads, prefix_tokens, head_dim] is one segment "
+              "every branch attends to (a forked prompt, held once), past the tokens each branch added after it",
 }
 
 

@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle directory to create (default: ./specreason-bundle)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4", "fp16"],
                    help="weights: fp32, int8 (dynamic, CPU) or int4 (MatMulNBits, CPU/edge); default fp32")
-    p.add_argument("--attention", default="auto", choices=["auto", "gqa", "plain"],
+    p.add_argument("--attention", default="auto", choices=["auto", "gqa", "plain", "prefix"],
                    help="gqa: ONNX Runtime's GroupQueryAttention with an in-place KV cache (fastest on ORT); "
-                        "plain: standard ONNX ops only (TensorRT); auto (default): gqa where the head size allows")
+                        "plain: standard ONNX ops only (TensorRT); prefix: plain plus a shared prefix segment, so "
+                        "branches forked from one prompt hold its keys/values once; auto (default): gqa where the "
+                        "head size allows")
     p.add_argument("--force", action="store_true",
                    help="replace DIR if it is a bundle (only once the new bundle is done; never a non-bundle folder)")
     p.add_argument("--step-delimiter", default="\n\n", metavar="TEXT",

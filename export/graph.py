@@ -9,7 +9,7 @@ forward (or optimum's graph) because the bundle contract needs three things thos
     so nothing copies the whole cache into a fresh "present" tensor each step;
   * grouped-query attention by broadcasting the query groups over the shared KV heads, so the
     graph never materialises repeat_kv copies of the cache. Plain ONNX ops only (TensorRT-parsable).
-Two attention variants share everything else:
+Three attention variants share everything else:
   * "plain" — standard ONNX ops only, for TensorRT and any execution provider; the graph returns the new
     tokens' keys/values and the runtime writes them into its cache.
   * "gqa"   — ONNX Runtime's GroupQueryAttention contrib op (per-branch lengths via `seqlens_k`), whose past and
@@ -17,6 +17,13 @@ Two attention variants share everything else:
     all. Fastest on ONNX Runtime CPU/CUDA; needs head_dim % 16 == 0. Rotary runs inside the op when every rope
     table is full-width and static (llama: the fast path); partial rotary and longrope are applied in the graph
     and the op is called with do_rotary=0.
+  * "prefix" — the plain variant plus a shared prefix segment per layer, `prefix_key/value.{i}`
+    [1, kv_heads, prefix_tokens, head_dim]: the keys/values of a prompt that every branch forked from. Scores
+    against the prefix come from one MatMul per KV head over all branches' queries at once
+    ([kv_heads, branches * groups * new, head_dim] x [kv_heads, head_dim, prefix]), so the prefix is read once
+    per forward and never copied per branch; scores against the per-branch past (the suffix after the prefix)
+    and the new tokens are the plain variant's; one softmax runs over both. With prefix_tokens = 0 it computes
+    exactly what the plain variant does (the runtime's path before a fork).
 What a family changes (norm placement, qk-norm, windows, soft-caps, rope tables per layer, multipliers, fused
 projections, the MLP module) is data in export/families.py; this file has no per-family branches.
 
@@ -42,7 +49,7 @@ from .hf_compat import embedding_scale, rope_modules, rope_state, submodule
 
 __all__ = ["ATTENTION_VARIANTS", "SUPPORTED_FAMILIES", "BranchDecoder", "Disabled"]
 
-ATTENTION_VARIANTS = ("gqa", "plain")
+ATTENTION_VARIANTS = ("gqa", "plain", "prefix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Disabled:
     rope_tables: bool = False  # per-layer rope tables (local bases, no-rope layers, long factors) collapse to one
     embed_scale: bool = False
     sinks: bool = False
+    prefix_windows: bool = False  # the prefix variant's window mask on the shared segment
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -166,6 +174,7 @@ class BranchDecoder(nn.Module):
         if off.windows:
             self.windows = [None] * len(self.layers)
         self.sinks = family.sinks and not off.sinks
+        self.prefix_windows = not off.prefix_windows
 
         # Rope tables and which one each layer uses (None: the layer has no rope).
         # The rope module lives on the decoder body; stablelm keeps one per attention module (all equal).
@@ -199,6 +208,8 @@ class BranchDecoder(nn.Module):
     def forward(self, *args: torch.Tensor):
         if self.attention == "gqa":
             return self.forward_gqa(*args)
+        if self.attention == "prefix":
+            return self.forward_prefix(*args)
         return self.forward_plain(*args)
 
     # --- pieces shared by both variants ---------------------------------------------------------------------
@@ -362,10 +373,28 @@ class BranchDecoder(nn.Module):
         # input_ids, position_ids: [branches, new]; attention_mask: [branches, past + new]
         # logits_index: [branches, k]; past: keys then values, each [branches, kv_heads, past, head_dim]
         n_layers = len(self.layers)
-        past_keys, past_values = past[:n_layers], past[n_layers:]
+        return self._forward_masked(input_ids, position_ids, attention_mask, logits_index,
+                                    past[:n_layers], past[n_layers:], None, None)
+
+    def forward_prefix(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       logits_index: torch.Tensor, *past: torch.Tensor):
+        # As forward_plain, and after the past keys and values the prefix keys then values, each
+        # [1, kv_heads, prefix, head_dim]: tokens at positions 0 .. prefix - 1, seen by every branch. The past
+        # (and attention_mask, position_ids' origin) covers the tokens after the prefix.
+        n = len(self.layers)
+        return self._forward_masked(input_ids, position_ids, attention_mask, logits_index,
+                                    past[:n], past[n:2 * n], past[2 * n:3 * n], past[3 * n:])
+
+    def _forward_masked(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        logits_index: torch.Tensor, past_keys: tuple[torch.Tensor, ...],
+                        past_values: tuple[torch.Tensor, ...], prefix_keys: tuple[torch.Tensor, ...] | None,
+                        prefix_values: tuple[torch.Tensor, ...] | None):
         branches, new = input_ids.shape
         h = self._embed(input_ids)
-        angles = self._rope_angles(position_ids, attention_mask.sum(dim=1))  # real tokens per branch
+        # prefix: [] tokens before the per-branch past (0 without a prefix segment)
+        prefix = prefix_keys[0].shape[2] if prefix_keys is not None else 0
+        seq_len = attention_mask.sum(dim=1) + prefix  # [branches]: real tokens per branch after this call
+        angles = self._rope_angles(position_ids, seq_len)
         if all(t is None for t in self.layer_rope) and all(w is None for w in self.windows):
             # Nothing reads positions (a test's rope-less graph): keep position_ids a graph input all the same.
             h = h + position_ids[..., None].to(h.dtype) * 0.0
@@ -377,20 +406,28 @@ class BranchDecoder(nn.Module):
         causal = key_slot[None, :] <= query_slot[:, None]  # [new, total]
         allowed = causal[None] & (attention_mask[:, None, :] > 0)  # [branches, new, total]
         masks: dict[int | None, torch.Tensor] = {None: allowed[:, None, None]}  # [branches, 1, 1, new, total]
-        key_pos = torch.cumsum(attention_mask, dim=1) - 1  # [branches, total]: the cache has holes
+        # Every prefix token precedes every new token: only sliding windows mask the prefix.
+        prefix_masks: dict[int | None, torch.Tensor | None] = {None: None}
+        key_pos = torch.cumsum(attention_mask, dim=1) - 1 + prefix  # [branches, total]: the cache has holes
         for window in {w for w in self.windows if w is not None}:
             # transformers: a query at position i sees keys at positions > i - window.
             near = position_ids[:, :, None] - key_pos[:, None, :] < window  # [branches, new, total]
             masks[window] = (allowed & near)[:, None, None]
+            if prefix_keys is not None and self.prefix_windows:
+                prefix_pos = torch.arange(prefix, device=input_ids.device)  # [prefix]
+                prefix_masks[window] = (position_ids[:, :, None] - prefix_pos[None, None, :] < window)[:, None, None]
         floor = torch.finfo(h.dtype).min
 
         new_keys, new_values = [], []
         for i, (pk, pv) in enumerate(zip(past_keys, past_values, strict=True)):
             attn = self._attn_module(i)
             table = self.layer_rope[i]
+            shared = (prefix_keys[i], prefix_values[i]) if prefix_keys is not None and prefix_values is not None \
+                else None
+            prefix_mask = prefix_masks.get(self.windows[i])  # None: nothing masks the prefix (or there is none)
 
-            def attend(x: torch.Tensor, attn=attn, table=table, pk=pk, pv=pv, mask=masks[self.windows[i]]
-                       ) -> torch.Tensor:
+            def attend(x: torch.Tensor, attn=attn, table=table, pk=pk, pv=pv, mask=masks[self.windows[i]],
+                       shared=shared, prefix_mask=prefix_mask) -> torch.Tensor:
                 q, k, v = self._qkv(attn, x)
                 q = q.view(branches, new, self.heads, self.head_dim).transpose(1, 2)
                 k = k.view(branches, new, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -408,6 +445,20 @@ class BranchDecoder(nn.Module):
                 if self.attn_softcap:
                     scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
                 scores = torch.where(mask, scores, floor)
+                if shared is not None:
+                    # All branches' queries of one KV head form the rows of one product with that head's prefix
+                    # keys: [kv, branches * groups * new, head_dim] x [kv, head_dim, prefix] (no per-branch copy).
+                    rows = qg.transpose(0, 1).reshape(self.kv_heads, branches * self.groups * new, self.head_dim)
+                    # reshape, not [0]: indexing traces to a Gather that copies the prefix every forward, a
+                    # reshape aliases it
+                    prefix_k = shared[0].reshape(self.kv_heads, -1, self.head_dim)  # [kv, prefix, head_dim]
+                    pre = torch.matmul(rows, prefix_k.transpose(-1, -2)) * self._scaling(attn)  # [kv, rows, P]
+                    pre = pre.reshape(self.kv_heads, branches, self.groups, new, -1).transpose(0, 1)
+                    if self.attn_softcap:
+                        pre = torch.tanh(pre / self.attn_softcap) * self.attn_softcap
+                    if prefix_mask is not None:
+                        pre = torch.where(prefix_mask, pre, floor)  # [b, kv, g, new, prefix]
+                    scores = torch.cat((pre, scores), dim=-1)  # [b, kv, g, new, prefix + total]
                 if self.sinks:
                     # gpt-oss: a per-head sink logit joins the softmax denominator and is dropped after it.
                     sink = self._sink(attn).reshape(1, self.kv_heads, self.groups, 1, 1).expand(
@@ -415,7 +466,15 @@ class BranchDecoder(nn.Module):
                     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
                 else:
                     probs = torch.softmax(scores, dim=-1)
-                out = torch.matmul(probs, values)  # [branches, kv_heads, groups, new, head_dim]
+                if shared is None:
+                    out = torch.matmul(probs, values)  # [branches, kv_heads, groups, new, head_dim]
+                else:
+                    pre_probs = probs[..., :prefix].transpose(0, 1).reshape(
+                        self.kv_heads, branches * self.groups * new, -1)  # [kv, rows, prefix]
+                    prefix_v = shared[1].reshape(self.kv_heads, -1, self.head_dim)  # [kv, prefix, head_dim]
+                    pre_out = torch.matmul(pre_probs, prefix_v)  # [kv, rows, head_dim]
+                    pre_out = pre_out.reshape(self.kv_heads, branches, self.groups, new, self.head_dim).transpose(0, 1)
+                    out = pre_out + torch.matmul(probs[..., prefix:], values)  # [b, kv, g, new, head_dim]
                 out = out.reshape(branches, self.heads, new, self.head_dim).transpose(1, 2)
                 return getattr(attn, self.family.paths["o_proj"])(out.reshape(branches, new, -1))
 

@@ -17,6 +17,9 @@ KV_NAMES = {
               "new_key": "new_key.{}", "new_value": "new_value.{}"},
     "gqa": {"past_key": "past_key.{}", "past_value": "past_value.{}",
             "present_key": "present_key.{}", "present_value": "present_value.{}"},
+    "prefix": {"past_key": "past_key.{}", "past_value": "past_value.{}",
+               "new_key": "new_key.{}", "new_value": "new_value.{}",
+               "prefix_key": "prefix_key.{}", "prefix_value": "prefix_value.{}"},
 }
 GQA_HEAD_DIM_MULTIPLE = 16  # ONNX Runtime's CPU GroupQueryAttention kernel requires it
 
@@ -26,7 +29,7 @@ def io_spec(*, attention: str, layers: int, kv_heads: int, head_dim: int, vocab:
     """The graph's inputs and outputs with symbolic dims, exactly as recorded in the manifest."""
     names = KV_NAMES[attention]
     inputs: list[dict[str, Any]] = [{"name": "input_ids", "dtype": "int64", "shape": ["branches", "new_tokens"]}]
-    if attention == "plain":
+    if attention in ("plain", "prefix"):
         kv_in = ["branches", kv_heads, "past_tokens", head_dim]
         kv_out = ["branches", kv_heads, "new_tokens", head_dim]
         out_key, out_value = names["new_key"], names["new_value"]
@@ -44,6 +47,11 @@ def io_spec(*, attention: str, layers: int, kv_heads: int, head_dim: int, vocab:
     inputs.append({"name": "logits_index", "dtype": "int64", "shape": ["branches", "logit_positions"]})
     inputs += [{"name": names["past_key"].format(i), "dtype": "float32", "shape": kv_in} for i in range(layers)]
     inputs += [{"name": names["past_value"].format(i), "dtype": "float32", "shape": kv_in} for i in range(layers)]
+    if attention == "prefix":
+        # One shared segment for every branch (batch dim 1): the prompt the branches were forked from.
+        prefix_in = [1, kv_heads, "prefix_tokens", head_dim]
+        inputs += [{"name": names[key].format(i), "dtype": "float32", "shape": prefix_in}
+                   for key in ("prefix_key", "prefix_value") for i in range(layers)]
     outputs = [{"name": "logits", "dtype": "float32", "shape": ["branches", "logit_positions", vocab]}]
     if value_head:
         outputs.append({"name": "value", "dtype": "float32", "shape": ["branches", "logit_positions"]})
@@ -72,11 +80,15 @@ def export_onnx(*, model: Any, out_path: Path, attention: str, value_head: Any =
     branches, new, past = 2, 3, 2
     ids = torch.zeros((branches, new), dtype=torch.int64)
     index = torch.zeros((branches, 1), dtype=torch.int64)
-    if attention == "plain":
-        pos = torch.arange(past, past + new).repeat(branches, 1)
+    prefix_kv: list[torch.Tensor] = []
+    if attention in ("plain", "prefix"):
+        prefix = 4 if attention == "prefix" else 0  # != past, new, branches: no dimension is tied to another
+        pos = torch.arange(prefix + past, prefix + past + new).repeat(branches, 1)
         mask = torch.ones((branches, past + new), dtype=torch.int64)
         extra: tuple[torch.Tensor, ...] = (pos, mask)
         kv_len = past
+        if attention == "prefix":
+            prefix_kv = [torch.zeros((1, decoder.kv_heads, prefix, decoder.head_dim)) for _ in range(2 * layers)]
     else:
         seqlens = torch.full((branches,), past + new - 1, dtype=torch.int32)
         extra = (seqlens, torch.tensor(past + new, dtype=torch.int32))
@@ -93,7 +105,7 @@ def export_onnx(*, model: Any, out_path: Path, attention: str, value_head: Any =
         # dynamic axes; the tracer warnings about Python ints in shapes are expected and harmless here.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            decoder, (ids, *extra, index, *kv), str(out_path), dynamo=False, opset_version=OPSET,
+            decoder, (ids, *extra, index, *kv, *prefix_kv), str(out_path), dynamo=False, opset_version=OPSET,
             custom_opsets={"com.microsoft": 1} if attention == "gqa" else None,
             input_names=[t["name"] for t in spec["inputs"]],
             output_names=[t["name"] for t in spec["outputs"]],

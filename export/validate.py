@@ -10,6 +10,11 @@ tokens, so both models see exactly the same contexts, and every logit row is com
                          1.0 means the exported model's greedy continuation is token-identical
     max_abs_value_diff   with a value head: max |value_onnx - value_torch| over the same positions, the torch
                          value being the head on transformers' final-norm hidden states (last_hidden_state)
+    shared_prefix        prefix graphs only: the same graph run with a shared prefix segment against every
+                         branch holding its own copy (the path the comparison above checked): half the longest
+                         prompt forked into one branch per prompt, each adding its prompt in one ragged forward,
+                         then decode steps; {prefix_tokens, branches, max_abs_logit_diff}, limit 1e-4 at every
+                         precision (the two layouts compute the same attention)
 
 A quantized bundle's report also carries `quantization` (export/quantize.py: format, bits, block size, and how
 the embedding is stored), added by the bundle writer.
@@ -98,6 +103,45 @@ def run_onnx(*, engine: OrtEngine, prompts: list[list[int]], continuations: list
     return [np.stack(r) for r in rows], [np.stack(r) for r in value_rows] if value_rows is not None else None
 
 
+SHARED_PREFIX_LIMIT = 1e-4  # shared vs copied prefix on one graph: float rounding only
+
+
+def shared_prefix_check(*, engine: OrtEngine, prompts: list[list[int]], kv_heads: int, head_dim: int,
+                        max_context: int, decode_steps: int = 3) -> dict[str, Any]:
+    """Run a forked context on a prefix graph twice, with the prompt shared and copied per branch; return the
+    largest logit difference between the two (see the module docstring, `shared_prefix`)."""
+    longest = max(prompts, key=len)
+    prefix = longest[:max(len(longest) // 2, 1)]
+    branches = len(prompts)
+    width = max(len(p) for p in prompts)
+    runs = []
+    for share in (True, False):
+        cache = KVCache(layers=engine.layers, kv_heads=kv_heads, head_dim=head_dim, branches=1,
+                        max_context=max_context, capacity=len(prefix) + width + decode_steps, share_prefix=share,
+                        min_prefix=1)
+        engine.step(cache=cache, input_ids=np.array([prefix], np.int64), n_new=np.array([len(prefix)]),
+                    logits_index=np.zeros((1, 1), np.int64))
+        cache.fork(branches)
+        ids = np.zeros((branches, width), np.int64)  # [branches, width], right-padded
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = p
+        n_new = np.array([len(p) for p in prompts], np.int64)
+        logits = engine.step(cache=cache, input_ids=ids, n_new=n_new, logits_index=np.tile(np.arange(width),
+                                                                                            (branches, 1)))
+        rows = [logits[b, :len(p)] for b, p in enumerate(prompts)]  # each [len(p), vocab]
+        for step in range(decode_steps):
+            fed = np.array([[p[step % len(p)]] for p in prompts], np.int64)  # [branches, 1]
+            out = engine.step(cache=cache, input_ids=fed, n_new=np.ones(branches, np.int64),
+                              logits_index=np.zeros((branches, 1), np.int64))
+            rows.append(out[:, 0])
+        if share and cache.prefix_len != len(prefix):
+            raise ExportError("the prefix graph's cache did not share the forked prompt: a bug in specreason_rt")
+        runs.append(rows)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(*runs, strict=True))
+    return {"prefix_tokens": len(prefix), "branches": branches, "decode_steps": decode_steps,
+            "max_abs_logit_diff": diff, "limit": SHARED_PREFIX_LIMIT}
+
+
 def reference_continuations(*, model: Any, prompts: list[list[int]], tokens: int) -> list[list[int]]:
     """The source model's own greedy continuation of each prompt, `tokens` long. A plain argmax loop rather
     than `generate`, so that nothing (eos handling, min-length rules) alters the model's choice."""
@@ -150,6 +194,17 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
         agree += int((ours[gen].argmax(-1) == np.array(continuations[b])).sum())
         total += ours[gen].shape[0]
     agreement = agree / total
+    shared = None
+    if attention == "prefix":
+        shared = shared_prefix_check(engine=engine, prompts=prompts, kv_heads=kv_heads, head_dim=head_dim,
+                                     max_context=cfg.max_position_embeddings)
+        if shared["max_abs_logit_diff"] > SHARED_PREFIX_LIMIT:
+            # Not a precision question: both runs use the same weights, so this is a wrong graph or cache.
+            raise ExportError(
+                f"{onnx_path.parent.name}: the prefix graph's logits with the prompt shared differ from those with "
+                f"the prompt copied per branch (max |diff| {shared['max_abs_logit_diff']:.3g}, limit "
+                f"{SHARED_PREFIX_LIMIT}): a bug in specreason-export or the runtime's cache (please report it); "
+                "export --attention gqa or plain meanwhile; no bundle written")
     passed = agreement >= tol.min_greedy_agreement and (
         tol.max_abs_logit_diff is None or max_diff <= tol.max_abs_logit_diff) and (
         value_head is None or tol.max_abs_value_diff is None or max_value_diff <= tol.max_abs_value_diff)
@@ -178,6 +233,8 @@ def validate(*, model: Any, onnx_path: Path, attention: str, prompts: list[list[
     }
     if value_head is not None:
         report["max_abs_value_diff"] = max_value_diff
+    if shared is not None:
+        report["shared_prefix"] = shared
     return report
 
 

@@ -127,6 +127,14 @@ def _systems(args: argparse.Namespace, *, ours: list[SystemSpec]) -> list[System
     specs = list(ours)
     for kind_label, path in args.peer or []:
         kind, _, label = kind_label.partition(":")
+        if kind == OURS:  # another of our bundles (e.g. another attention variant), run the same way
+            if not (Path(path) / "manifest.json").is_file():
+                raise ConfigError(f"--peer {kind_label} {path}: not a bundle (no manifest.json)")
+            first = ours[0].command
+            extra = first[first.index("--role") + 2:]  # ours' own flags (--fork), not its bundle
+            specs.append(SystemSpec(name=f"{OURS}:{label or Path(path).name}",
+                                    command=(*ours_spec(bundle=path, role=args.role).command, *extra)))
+            continue
         python = args.peer_python or os.environ.get("SPECREASON_PEER_PYTHON", "")
         if not python and kind == "transformers":
             python = sys.executable  # the project's export extra has torch + transformers too
@@ -183,7 +191,16 @@ def _bench_decode(args: argparse.Namespace) -> int:
     floor_ms = None
     if not args.no_floor:
         floor_ms = _weight_bytes(Path(args.bundle), entry.file) / (read_bandwidth_gbs() * 1e9) * 1e3
-    specs = _systems(args, ours=[ours_spec(bundle=args.bundle, role=args.role)])
+    base = ours_spec(bundle=args.bundle, role=args.role)
+    fork = ("--fork",) if args.fork else ()
+    share = () if args.min_shared_prefix is None else ("--min-shared-prefix", str(args.min_shared_prefix))
+    mine = [SystemSpec(name=base.name, command=(*base.command, *fork, *share))]
+    if args.fork and entry.kv_cache.get("attention") == "prefix":
+        # The same graph with every fork copied (no shared prefix): the path a prefix bundle takes below
+        # SHARED_PREFIX_MIN_TOKENS, so the crossover can be read off one run.
+        mine.append(SystemSpec(name=f"{OURS}:copies", command=(*base.command, *fork, "--min-shared-prefix",
+                                                               str(2**40))))
+    specs = _systems(args, ours=mine)
 
     def body(workers: list[Worker]) -> dict[str, Any]:
         cells = bench_decode(workers, branches=args.branches, contexts=args.contexts, steps=args.steps,
@@ -194,6 +211,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
             if floor_ms is not None and cell["branches"] == 1:
                 cell["ours_floor_over_measured"] = round(floor_ms / ms, 3)
         return {"benchmark": "decode tokens/s (steady state)", "bundle": str(args.bundle), "role": args.role,
+                "fork": args.fork,
                 "steps_per_window": args.steps, "warmup_steps": args.warmup, "windows": args.windows,
                 "bandwidth_floor_ms": None if floor_ms is None else round(floor_ms, 3), "cells": cells}
 
@@ -383,6 +401,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     decode.add_argument("--steps", type=int, default=16, help="timed decode steps per window (default 16)")
     decode.add_argument("--warmup", type=int, default=4, help="untimed decode steps after the prefill (default 4)")
     decode.add_argument("--no-floor", action="store_true", help="skip the read-bandwidth measurement (1 GiB)")
+    decode.add_argument("--fork", action="store_true",
+                        help="ours prefill the prompt once and fork it into the B branches (as best-of-n does) and "
+                             "report the KV bytes held; a prefix bundle also runs as specreason-rt:copies (every "
+                             "branch its own copy). Compare another of our bundles with --peer specreason-rt:LABEL DIR")
+    decode.add_argument("--min-shared-prefix", type=int, default=None, metavar="N",
+                        help="with --fork on a prefix bundle: share prompts of at least N tokens (default: the "
+                             "runtime's SHARED_PREFIX_MIN_TOKENS)")
     decode.set_defaults(func=_bench_decode)
 
     prefill = bench_sub.add_parser("prefill", help="one prompt for N branches (ours: prefilled once, forked)")

@@ -244,11 +244,15 @@ def bench_decode(workers: Sequence[Worker], *, branches: Sequence[int], contexts
     for t in contexts:
         ids = fixed_tokens(n=t, vocab=vocab)
         for b in branches:
-            for w in workers:
-                w.ask("decode_start", ids=ids, branches=b, warmup=warmup, max_new=windows * steps + 1)
+            started = {w.spec.name: w.ask("decode_start", ids=ids, branches=b, warmup=warmup,
+                                          max_new=windows * steps + 1) for w in workers}
             answers = run_windows(workers, windows=windows, gap_s=gap_s,
                                   one=lambda w: w.ask("decode_window", steps=steps))
             summary = summarise(workers, answers, rate=functools.partial(_per_second, work=b * steps))  # tokens/s
+            for name, answer in started.items():  # what ours' caches held (bench_worker.py), when reported
+                for key in ("kv_bytes", "shared_prefix_tokens"):
+                    if key in answer:
+                        summary["systems"][name][key] = answer[key]
             cells.append({"branches": b, "context": t, "steps_per_window": steps, **summary})
     return cells
 

@@ -8,6 +8,8 @@ runtime/peers/genai_bench.py and transformers_bench.py, run with --worker):
     worker -> {"ready": true, "system", "version", "precision", "threads", "vocab_size"}   once, after loading
     {"op": "decode_start", "ids": [T], "branches": B, "warmup": W, "max_new": N}
               prefill ids in B rows, then W greedy decode steps, all untimed   -> {"ok": true}
+              (ours with --fork: ids prefilled once and the cache forked into B branches, as best-of-n does;
+              the answer adds "kv_bytes", the keys/values the cache holds, and "shared_prefix_tokens")
     {"op": "decode_window", "steps": S}
               S timed greedy decode steps (B new tokens each)  -> {"ok", "wall_s", "cpu_s", "t0", "t1"}
     {"op": "prefill", "ids": [T], "n_specs": N}
@@ -64,11 +66,15 @@ def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
 class OursWorker:
     """One role of a bundle, run the way the runtime runs it (RoleModel.forward: the engine, the KV cache)."""
 
-    def __init__(self, *, bundle: str | Path, role: str, threads: int) -> None:
+    def __init__(self, *, bundle: str | Path, role: str, threads: int, fork: bool = False,
+                 min_shared_prefix: int | None = None) -> None:
         manifest = load_manifest(bundle)
         self.entry = manifest.models[role]
         # threads > 0 always here: the harness gives every system the same explicit count.
         self.model = RoleModel(bundle_dir=bundle, entry=self.entry, intra_op_threads=threads)
+        self.fork = fork
+        if min_shared_prefix is not None:
+            self.model.shared_prefix_min_tokens = min_shared_prefix
         engine = self.model.engine
         assert isinstance(engine, OrtEngine)  # RoleModel without TensorRT engine facts builds an OrtEngine
         applied = engine.session.get_session_options().intra_op_num_threads
@@ -84,12 +90,16 @@ class OursWorker:
         self.token = logits.argmax(-1)[:, None]
 
     def decode_start(self, *, ids: list[int], branches: int, warmup: int, max_new: int) -> dict[str, Any]:
-        self.cache = self.model.new_cache(branches=branches, capacity=len(ids) + warmup + max_new + 1)
-        logits = self.model.forward(cache=self.cache, tokens=[ids] * branches)  # [branches, vocab]
+        rows = 1 if self.fork else branches
+        self.cache = self.model.new_cache(branches=rows, capacity=len(ids) + warmup + max_new + 1)
+        logits = self.model.forward(cache=self.cache, tokens=[ids] * rows)  # [rows, vocab]
+        if self.fork:
+            self.cache.fork(branches)
+            logits = np.repeat(logits, branches, axis=0)  # [branches, vocab]
         self.token = logits.argmax(-1)[:, None]
         for _ in range(warmup):
             self._step()
-        return {"ok": True}
+        return {"ok": True, "kv_bytes": self.cache.resident_bytes, "shared_prefix_tokens": self.cache.prefix_len}
 
     def decode_window(self, *, steps: int) -> dict[str, Any]:
         def work() -> None:
@@ -154,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--role", default="speculator", choices=["speculator", "verifier"])
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--fork", action="store_true", help="decode: prefill the prompt once and fork it into the rows")
+    ap.add_argument("--min-shared-prefix", type=int, default=None, metavar="N",
+                    help="a fork shares prompts of at least N tokens (prefix bundles; default the runtime's)")
     args = ap.parse_args(argv)
-    worker = OursWorker(bundle=args.bundle, role=args.role, threads=args.threads)
+    worker = OursWorker(bundle=args.bundle, role=args.role, threads=args.threads, fork=args.fork,
+                        min_shared_prefix=args.min_shared_prefix)
     serve({"decode_start": worker.decode_start, "decode_window": worker.decode_window, "prefill": worker.prefill,
            "generate": worker.generate, "score": worker.score}, worker.hello)
     return 0

@@ -61,6 +61,11 @@ ModelEntry:
                              [branches, kv_heads, past_tokens, head_dim]; outputs `new_key.{i}` /
                              `new_value.{i}` [branches, kv_heads, new_tokens, head_dim] hold ONLY the new
                              tokens' entries: the runtime owns the cache and writes them in place.
+                             `attention`: "plain" | "gqa" (present_key / present_value: the past buffers,
+                             updated in place) | "prefix" (plain, plus the inputs `prefix_key.{i}` /
+                             `prefix_value.{i}` [1, kv_heads, prefix_tokens, head_dim]: tokens 0 ..
+                             prefix_tokens - 1, one segment every branch attends to; the past, attention_mask
+                             and the slots below then cover only the tokens after it; prefix_tokens may be 0)
     tokenizer                relative path of tokenizer.json
     generation               bos_id, eos_ids, pad_id, chat_template, step_delimiter
     source                   kind ("builtin" | "hf" | "gguf"), id, {file: sha256}
@@ -151,6 +156,23 @@ class ModelEntry:
     source: dict[str, Any]
     validation: dict[str, Any]
     value_head: dict[str, Any] | None = None  # bundles written before value heads have none
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether branches forked from one prompt hold its keys/values once (the "prefix" attention variant)."""
+        return self.kv_cache.get("attention") == "prefix"
+
+    def kv_cache_bytes(self, *, branches: int, tokens: int, prompt_tokens: int = 0) -> int:
+        """The KV cache of `branches` branches of `tokens` tokens each (fp32), the first `prompt_tokens` of them
+        one prompt the branches were forked from: held once when this graph shares prefixes and the prompt is
+        long enough to be shared (kv_cache.py), else once per branch."""
+        from .kv_cache import SHARED_PREFIX_MIN_TOKENS
+
+        per_token = self.architecture.kv_bytes_per_token()
+        prompt = min(prompt_tokens, tokens)
+        if branches > 1 and self.shares_prefix and prompt >= SHARED_PREFIX_MIN_TOKENS:
+            return (prompt + branches * (tokens - prompt)) * per_token
+        return branches * tokens * per_token
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

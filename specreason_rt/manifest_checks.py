@@ -17,8 +17,13 @@ if TYPE_CHECKING:
 STEP_INPUTS = {
     "plain": ("input_ids", "position_ids", "attention_mask", "logits_index"),
     "gqa": ("input_ids", "seqlens_k", "total_sequence_length", "logits_index"),
+    "prefix": ("input_ids", "position_ids", "attention_mask", "logits_index"),
 }
-KV_OUTPUT_KEYS = {"plain": ("new_key", "new_value"), "gqa": ("present_key", "present_value")}
+KV_OUTPUT_KEYS = {"plain": ("new_key", "new_value"), "gqa": ("present_key", "present_value"),
+                  "prefix": ("new_key", "new_value")}
+# Cache inputs per attention variant: the per-branch past, and for "prefix" the shared segment too.
+KV_INPUT_KEYS = {"plain": ("past_key", "past_value"), "gqa": ("past_key", "past_value"),
+                 "prefix": ("past_key", "past_value", "prefix_key", "prefix_value")}
 
 
 def _names(tensors: list[dict[str, Any]]) -> list[str]:
@@ -33,7 +38,7 @@ def _io_problem(entry: ModelEntry) -> str | None:
         names = _names(tensors)
         if len(set(names)) != len(names):
             return f"io.{side} names a tensor twice"
-    kv_in = [kv[k].format(i) for k in ("past_key", "past_value") for i in range(arch.layers)]
+    kv_in = [kv[k].format(i) for k in KV_INPUT_KEYS[attention] for i in range(arch.layers)]
     kv_out = [kv[k].format(i) for k in KV_OUTPUT_KEYS[attention] for i in range(arch.layers)]
     want_in = {*STEP_INPUTS[attention], *kv_in}
     want_out = {"logits", *kv_out} | ({"value"} if entry.value_head is not None else set())

@@ -77,15 +77,20 @@ _KV_NAME = {"type": "string", "maxLength": 256, "pattern": r"^[^{}]*\{\}[^{}]*$"
 _KV_CACHE = {
     "type": "object", "required": ["attention", "past_key", "past_value"],
     "properties": {
-        "attention": {"enum": ["plain", "gqa"]},
+        "attention": {"enum": ["plain", "gqa", "prefix"]},
         "past_key": _KV_NAME, "past_value": _KV_NAME, "new_key": _KV_NAME, "new_value": _KV_NAME,
-        "present_key": _KV_NAME, "present_value": _KV_NAME,
+        "present_key": _KV_NAME, "present_value": _KV_NAME, "prefix_key": _KV_NAME, "prefix_value": _KV_NAME,
         "layout": {"type": "array", "maxItems": 8, "items": _STR}, "dtype": {"enum": list(DTYPES)}, "outputs": _STR,
     },
-    # plain graphs return the new entries, gqa graphs the updated buffers: each needs its own output names.
-    "if": {"properties": {"attention": {"const": "plain"}}},
-    "then": {"required": ["new_key", "new_value"]},
-    "else": {"required": ["present_key", "present_value"]},
+    # plain graphs return the new entries, gqa graphs the updated buffers: each needs its own output names;
+    # prefix graphs are plain graphs that also read the shared segment.
+    "allOf": [
+        {"if": {"properties": {"attention": {"const": "gqa"}}}, "then": {"required": ["present_key", "present_value"]}},
+        {"if": {"properties": {"attention": {"enum": ["plain", "prefix"]}}},
+         "then": {"required": ["new_key", "new_value"]}},
+        {"if": {"properties": {"attention": {"const": "prefix"}}},
+         "then": {"required": ["prefix_key", "prefix_value"]}},
+    ],
     "additionalProperties": False,
 }
 _MODEL = {

@@ -22,7 +22,7 @@ from .backends.ort import OrtEngine
 from .backends.providers import ProviderConfig, ProviderSpec
 from .backends.trt.engine import TrtEngine
 from .errors import BundleError, ConfigError
-from .kv_cache import KVCache
+from .kv_cache import SHARED_PREFIX_MIN_TOKENS, KVCache
 from .manifest import EngineFacts, ModelEntry
 
 # A forward of more new tokens than this per branch runs as consecutive chunks of this many (each on the cache the
@@ -92,6 +92,8 @@ class RoleModel:
                                   "truncated or not a graph of this bundle: re-export the bundle") from e
             check_graph_io(session=self.engine.session, entry=entry)
         self.prefill_chunk = PREFILL_CHUNK  # new tokens per forward call; see PREFILL_CHUNK
+        # A fork shares prompts of at least this many tokens (graphs of the "prefix" variant; kv_cache.py).
+        self.shared_prefix_min_tokens = SHARED_PREFIX_MIN_TOKENS
         if (entry.value_head is not None) != self.engine.has_value:
             raise BundleError(f"{entry.file}: the manifest {'lists' if entry.value_head else 'has no'} value head but "
                               f"the graph {'lacks' if entry.value_head else 'has'} the output `value`; "
@@ -102,7 +104,9 @@ class RoleModel:
         return self.engine.has_value  # both backends fetch the `value` output (step_with_values)
 
     def new_cache(self, *, branches: int = 1, capacity: int = 256) -> KVCache:
-        return self.engine.new_cache(branches=branches, capacity=capacity, max_bytes=self.kv_limit_bytes)
+        cache = self.engine.new_cache(branches=branches, capacity=capacity, max_bytes=self.kv_limit_bytes)
+        cache.min_prefix = self.shared_prefix_min_tokens
+        return cache
 
     @overload
     def forward(self, *, cache: KVCache, tokens: list[list[int]], all_logits: bool = False,
@@ -132,7 +136,7 @@ class RoleModel:
         chunk = max(int(self.prefill_chunk), 1)
         # GroupQueryAttention refuses several new tokens on top of a cache at branches > 1 (the engine then runs
         # branch by branch), so a batched gqa prefill is chunked only when it is a single branch.
-        if width > chunk and (cache.branches == 1 or self.entry.kv_cache.get("attention") == "plain"):
+        if width > chunk and (cache.branches == 1 or self.entry.kv_cache.get("attention") in ("plain", "prefix")):
             return self._forward_chunked(cache=cache, tokens=tokens, n_new=n_new, chunk=chunk,
                                          all_logits=all_logits, values=values)
         return self._forward_once(cache=cache, tokens=tokens, n_new=n_new, all_logits=all_logits, values=values)

@@ -1,8 +1,10 @@
 """ONNX Runtime engine: one InferenceSession per model, driven through the manifest's IO names.
 
-Two graph variants (export/graph.py): "plain" graphs return the new tokens' keys/values, which `step`
-writes into the cache; "gqa" graphs use GroupQueryAttention with past and present bound to the cache's
-own buffers (IO binding), so the op writes the new entries in place and a decode step copies no cache.
+Three graph variants (export/graph.py): "plain" graphs return the new tokens' keys/values, which `step`
+writes into the cache; "prefix" graphs are plain graphs that also read a shared prefix segment (the prompt
+that forked branches share, kv_cache.py), an empty one when the cache has none; "gqa" graphs use
+GroupQueryAttention with past and present bound to the cache's own buffers (IO binding), so the op writes the
+new entries in place and a decode step copies no cache.
 A graph exported with a value head has the extra output `value` [branches, k]; only `step_with_values`
 fetches it, so `step` costs what it costs on a graph without a head.
 """
@@ -29,7 +31,7 @@ class OrtEngine(Engine):
     def __init__(self, *, model_path: str | Path, layers: int, kv_names: dict[str, str], attention: str,
                  expected_inputs: list[str] | None = None, providers: Sequence[ProviderSpec] | None = None,
                  intra_op_threads: int = 0, spin: bool = True) -> None:
-        if attention not in ("plain", "gqa"):
+        if attention not in ("plain", "gqa", "prefix"):
             raise BundleError(f"{model_path}: unknown attention variant {attention!r}; re-export the bundle")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
@@ -52,7 +54,10 @@ class OrtEngine(Engine):
         self.layers = layers
         self.past_key_names = [kv_names["past_key"].format(i) for i in range(layers)]
         self.past_value_names = [kv_names["past_value"].format(i) for i in range(layers)]
-        out_key, out_value = ("new_key", "new_value") if attention == "plain" else ("present_key", "present_value")
+        out_key, out_value = ("present_key", "present_value") if attention == "gqa" else ("new_key", "new_value")
+        if attention == "prefix":
+            self.prefix_key_names = [kv_names["prefix_key"].format(i) for i in range(layers)]
+            self.prefix_value_names = [kv_names["prefix_value"].format(i) for i in range(layers)]
         self.out_key_names = [kv_names[out_key].format(i) for i in range(layers)]
         self.out_value_names = [kv_names[out_value].format(i) for i in range(layers)]
         self.ort_seconds = 0.0  # wall time spent inside ONNX Runtime calls (for overhead accounting)
@@ -84,7 +89,8 @@ class OrtEngine(Engine):
             raise ConfigError("this engine was built from a bare model path: create KVCache yourself")
         kv_heads, head_dim, max_context = self.cache_shape
         return KVCache(layers=self.layers, kv_heads=kv_heads, head_dim=head_dim, branches=branches,
-                       max_context=max_context, capacity=capacity, max_bytes=max_bytes)
+                       max_context=max_context, capacity=capacity, max_bytes=max_bytes,
+                       share_prefix=self.attention == "prefix")
 
     def close(self) -> None:
         """Drop the session and the bindings (backends.base.Engine); ONNX Runtime frees them with the objects."""
@@ -93,7 +99,7 @@ class OrtEngine(Engine):
 
     def _step(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray,
               want_value: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.attention == "plain":
+        if self.attention != "gqa":
             return self._step_plain(cache=cache, input_ids=input_ids, n_new=n_new, logits_index=logits_index,
                                     want_value=want_value)
         branches, new = input_ids.shape
@@ -188,9 +194,17 @@ class OrtEngine(Engine):
     def _step_plain(self, *, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray,
                     want_value: bool) -> tuple[np.ndarray, np.ndarray | None]:
         keys, values, mask, positions = cache.step_inputs(n_new, input_ids.shape[1])
+        prefix: dict[str, np.ndarray] = {}
+        if self.attention == "prefix":
+            # The shared segment as it is (no per-branch copy); a cache without one feeds 0-token tensors.
+            empty = np.zeros((1, *keys[0].shape[1:2], 0, keys[0].shape[3]), keys[0].dtype)
+            prefix_keys = cache.prefix_keys or [empty] * self.layers
+            prefix_values = cache.prefix_values or [empty] * self.layers
+            prefix = dict(zip(self.prefix_key_names + self.prefix_value_names, prefix_keys + prefix_values,
+                              strict=True))
         logits, new_keys, new_values, value = self._run_plain(
             input_ids=input_ids, position_ids=positions, attention_mask=mask, logits_index=logits_index,
-            past_keys=keys, past_values=values, want_value=want_value)
+            past_keys=keys, past_values=values, want_value=want_value, extra=prefix)
         cache.append(new_keys, new_values, n_new)
         return logits, value
 
@@ -204,7 +218,7 @@ class OrtEngine(Engine):
         returns logits [branches, k, vocab], new keys / values [branches, kv_heads, new, head_dim]
         """
         if self.attention != "plain":
-            raise ConfigError("forward() drives plain-attention graphs; use step() for this gqa graph")
+            raise ConfigError(f"forward() drives plain-attention graphs; use step() for this {self.attention} graph")
         logits, keys, values, _ = self._run_plain(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, logits_index=logits_index,
             past_keys=past_keys, past_values=past_values, want_value=False)
@@ -212,9 +226,10 @@ class OrtEngine(Engine):
 
     def _run_plain(self, *, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                    logits_index: np.ndarray, past_keys: list[np.ndarray], past_values: list[np.ndarray],
-                   want_value: bool) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray | None]:
+                   want_value: bool, extra: dict[str, np.ndarray] | None = None
+                   ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray | None]:
         feed = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
-                "logits_index": logits_index}
+                "logits_index": logits_index, **(extra or {})}
         feed.update(zip(self.past_key_names, past_keys, strict=True))
         feed.update(zip(self.past_value_names, past_values, strict=True))
         start = time.perf_counter()

@@ -148,9 +148,10 @@ def tensorrt_ep_options(*, entry: ModelEntry, limits: EngineLimits, device_id: i
     profile spanning every regime for every dynamic input (past starts at 0: the host cache is empty before
     prefill). One profile, because the EP's execution context stays on profile 0 (trt.plan.spanning_profile)."""
     if entry.kv_cache.get("attention", "plain") != "plain":
-        raise ConfigError(f"{entry.role}: the tensorrt provider needs a plain-attention bundle (GroupQueryAttention "
-                          "is an ONNX Runtime contrib op TensorRT cannot parse); re-export with --attention plain "
-                          "or --trt")
+        raise ConfigError(f"{entry.role}: the tensorrt provider needs a plain-attention bundle, this one has "
+                          f"{entry.kv_cache['attention']} attention (GroupQueryAttention is an ONNX Runtime contrib "
+                          "op TensorRT cannot parse; the profiles are planned for the plain graph's inputs); "
+                          "re-export with --attention plain or --trt")
     profile = spanning_profile(plan_profiles(limits=limits.clamp_context(entry.architecture.max_context),
                                              inputs=entry.io["inputs"], min_past=0))
     dynamic = [t["name"] for t in entry.io["inputs"] if any(isinstance(d, str) for d in t["shape"])]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SpecReasonError
+from ..kv_cache import SHARED_PREFIX_MIN_TOKENS
 from ..manifest import load_manifest
 from .common import THREADS_HELP, add_bundle_argument, add_provider_arguments, provider_config, text_argument
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 ATTENTION = {
     "gqa": "gqa (ONNX Runtime's GroupQueryAttention, KV cache updated in place)",
     "plain": "plain (standard ONNX ops)",
+    "prefix": "prefix (standard ONNX ops; branches forked from one prompt share its KV cache)",
 }
 
 
@@ -67,8 +70,10 @@ def backends(manifest: Manifest) -> dict[str, tuple[bool, str]]:
     if not gqa:
         out["tensorrt"] = (True, here("TensorrtExecutionProvider"))
     else:
-        out["tensorrt"] = (False, f"{' and '.join(gqa)}: gqa attention is an ONNX Runtime contrib op TensorRT "
-                                  "cannot parse (re-export with --attention plain)")
+        kinds = sorted({manifest.models[r].kv_cache["attention"] for r in gqa})
+        why = ("gqa attention is an ONNX Runtime contrib op TensorRT cannot parse" if kinds == ["gqa"] else
+               f"{' and '.join(kinds)} attention: the tensorrt provider takes plain-attention bundles")
+        out["tensorrt"] = (False, f"{' and '.join(gqa)}: {why} (re-export with --attention plain)")
     missing = [role for role in manifest.models if role not in manifest.engines]
     if missing:
         out["trt"] = (False, f"no TensorRT engine for {' and '.join(missing)} (specreason-export --trt, or "
@@ -82,6 +87,10 @@ def backends(manifest: Manifest) -> dict[str, tuple[bool, str]]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    for flag, value, least in (("--branches", args.branches, 1), ("--context", args.context, 1),
+                               ("--prompt-tokens", args.prompt_tokens, 0)):
+        if value is not None and value < least:
+            raise SpecReasonError(f"{flag} must be >= {least}, got {value}")
     manifest = load_manifest(args.bundle, integrity="full" if args.verify else "sizes")
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
@@ -101,11 +110,24 @@ def _info(args: argparse.Namespace) -> int:
         if features:
             print(f"  {'':<10} features: {', '.join(features)}")
         context = min(args.context, a.max_context)
-        kv = args.branches * context * a.kv_bytes_per_token()
+        prompt = context if args.prompt_tokens is None else min(args.prompt_tokens, context)
+        kv = e.kv_cache_bytes(branches=args.branches, tokens=context)
+        forked = e.kv_cache_bytes(branches=args.branches, tokens=context, prompt_tokens=prompt)
         weights = sum(size for rel, size in _file_sizes(args.bundle, manifest.files).items()
                       if rel.startswith(e.file))  # the graph and its external data; roles may share it
         print(f"  {'':<10} memory: weights {weights / 2**20:.1f} MiB on disk; KV cache for {args.branches} "
               f"branches x {context} tokens: {kv / 2**20:.1f} MiB (fp32)")
+        if args.branches > 1 and prompt > 0:
+            if forked < kv:
+                how = f"{forked / 2**20:.1f} MiB, the prompt held once"
+            elif e.shares_prefix:
+                how = f"{forked / 2**20:.1f} MiB, copied per branch (prompts under {SHARED_PREFIX_MIN_TOKENS} tokens)"
+            else:
+                shared = dataclasses.replace(e, kv_cache={**e.kv_cache, "attention": "prefix"}).kv_cache_bytes(
+                    branches=args.branches, tokens=context, prompt_tokens=prompt)
+                how = (f"{forked / 2**20:.1f} MiB, every branch copies the prompt (a bundle exported with "
+                       f"--attention prefix holds it once: {shared / 2**20:.1f} MiB)")
+            print(f"  {'':<10} {'':<7} forked from one {prompt}-token prompt: {how}")
     print("  backends (--provider):")
     for name, (ok, why) in backends(manifest).items():
         print(f"    {name:<9} {'yes' if ok else 'no '}  {why}")
@@ -169,6 +191,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="re-hash every file against the manifest (loading checks paths and sizes only)")
     info.add_argument("--context", type=int, default=2048, help="tokens per branch for the memory estimate")
     info.add_argument("--branches", type=int, default=4, help="branches for the memory estimate")
+    info.add_argument("--prompt-tokens", type=int, default=None, metavar="P",
+                      help="of the --context tokens per branch, the prompt the branches were forked from (default: "
+                           "all of them, just after the fork); prefix bundles hold it once")
     info.set_defaults(func=_info)
     gen = sub.add_parser("generate", help="plain decoding with one model of a bundle, streamed to stdout",
                          description="Continue PROMPT with the speculator or the verifier of a bundle. The prompt "
