@@ -106,7 +106,7 @@ def test_greedy_drafts_give_the_same_run_with_any_lookahead(reasoner: Reasoner) 
     same with or without the steps after it: the accepted/rejected steps and the text must not change."""
     for seed, q in enumerate(QUESTIONS):
         base = {"speculator.temperature": 0.0, "stepwise.threshold": 7.0}
-        one = reasoner.run(q, cfg("stepwise", seed, **base))
+        one = reasoner.run(q, cfg("stepwise", seed, **{**base, "stepwise.lookahead": 1}))
         for lookahead, adaptive in ((2, False), (3, False), (5, False), (6, True)):
             many = reasoner.run(q, cfg("stepwise", seed, **{**base, "stepwise.lookahead": lookahead,
                                                             "stepwise.adaptive_lookahead": adaptive}))
@@ -157,13 +157,17 @@ def test_a_seed_reproduces_a_lookahead_run(reasoner: Reasoner, lookahead: int, o
 def test_lookahead_config_errors_say_what_to_change() -> None:
     with pytest.raises(ConfigError, match=r"lookahead must be an integer in \[1, 1024\]"):
         make_config(**{"stepwise.lookahead": 0})
+    fixed = {"stepwise.adaptive_lookahead": False}
     with pytest.raises(ConfigError, match="set candidates to 1"):
-        make_config(**{"stepwise.lookahead": 2, "stepwise.candidates": 2})
+        make_config(**{"stepwise.lookahead": 2, "stepwise.candidates": 2, **fixed})
     with pytest.raises(ConfigError, match="score.mode 'likelihood' or 'head'"):
-        make_config(**{"stepwise.lookahead": 2, "score.mode": "judge"})
+        make_config(**{"stepwise.lookahead": 2, "score.mode": "judge", **fixed})
+    # The default (adaptive, up to 8 steps) takes one step per pass where steps are scored one at a time.
+    assert make_config(**{"stepwise.candidates": 2}).stepwise.steps_per_pass(score_mode="likelihood") == 1
+    assert make_config(**{"score.mode": "judge"}).stepwise.steps_per_pass(score_mode="judge") == 1
+    assert make_config().stepwise.steps_per_pass(score_mode="likelihood") == 8
     with pytest.raises(ConfigError, match="score.mode 'likelihood' or 'head'"):
         make_config(**{"stepwise.overlap": True, "score.mode": "judge"})
     with pytest.raises(ConfigError, match="overlap must be true or false"):
         make_config(**{"stepwise.overlap": "yes"})
-    with pytest.raises(ConfigError, match="set lookahead > 1"):
-        make_config(**{"stepwise.adaptive_lookahead": True})
+

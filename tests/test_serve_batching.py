@@ -98,3 +98,28 @@ def test_cancelling_one_lane_leaves_the_others_running(builtin_bundle: Path, alo
                 assert job.result(timeout=60).text == alone[i].text
     finally:
         pool.close()
+
+
+def test_a_lane_streams_its_accepted_steps_before_the_step_the_verifier_writes(builtin_bundle: Path) -> None:
+    """The default config drafts several steps per pass; when a later one is rejected, the accepted ones must
+    reach the client before the verifier's tokens of the rewritten step (a server builds the text in order)."""
+    bundle = Reasoner(builtin_bundle).bundle
+    problems = ["52-29+93+11+16*2", "40-82-19+94+99*9", "10*7+54*6-42+10-40"]  # the speculator errs mid-chain
+    events: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(problems))}
+    results: dict[int, RunResult | BaseException] = {}
+    batch = StepwiseBatch(bundle=bundle)
+    batch.admit([(Run(bundle=bundle, problem=q, config=make_config(seed=0),
+                      on_step=lambda s, i=i: events[i].append((s.index, "")),
+                      on_token=lambda d, i=i: events[i].append((d.step, d.text))),
+                  lambda outcome, i=i: results.__setitem__(i, outcome)) for i, q in enumerate(problems)])
+    while len(batch):
+        batch.tick()
+    for i, result in results.items():
+        assert isinstance(result, RunResult)
+        authors = [s.author for s in result.steps]
+        assert "verifier" in authors[1:] and authors[0] == "speculator"  # accepted steps, then a rewritten one
+        indices = [k for k, _ in events[i]]
+        assert indices == sorted(indices), events[i]
+        # What a server streams: the token deltas of a step, else the whole step at its end.
+        streamed = {k: "".join(t for j, t in events[i] if j == k) for k in set(indices)}
+        assert "".join(streamed[k] or result.steps[k].text for k in sorted(streamed)) == result.text

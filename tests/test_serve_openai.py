@@ -91,11 +91,11 @@ def test_completions_continue_the_raw_prompt(client: openai.OpenAI, reasoner: Re
 def test_token_level_streaming_with_step_boundaries(client: openai.OpenAI, reasoner: Reasoner,
                                                     server: str) -> None:
     # threshold above 9 rejects every draft: the verifier writes every step, token by token after the draft prefix
-    # it agrees with (a 4-step problem: the speculator gets a step wrong, so some step has tokens of its own).
+    # it agrees with (the speculator gets step 4 of this problem wrong, so that step has tokens of its own).
     config = make_config(seed=2, **{"stepwise.threshold": 10})
-    alone = reasoner.run("94-26*7-59+33", config)
+    alone = reasoner.run("52-29+93+11+16*2", config)
     chunks = list(client.chat.completions.create(
-        model="specreason", messages=[{"role": "user", "content": "94-26*7-59+33"}], seed=2, stream=True,
+        model="specreason", messages=[{"role": "user", "content": "52-29+93+11+16*2"}], seed=2, stream=True,
         extra_body={"threshold": 10}))
     text = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert "".join(c.choices[0].delta.content or "" for c in text) == alone.text
@@ -107,7 +107,7 @@ def test_token_level_streaming_with_step_boundaries(client: openai.OpenAI, reaso
     assert [e["step"] for e in ends] == list(range(len(alone.steps)))
     # An accepted draft arrives once accepted, as the chunk that ends its step.
     accepted = list(client.chat.completions.create(
-        model="specreason", messages=[{"role": "user", "content": "94-26*7-59+33"}], seed=2, stream=True,
+        model="specreason", messages=[{"role": "user", "content": "52-29+93+11+16*2"}], seed=2, stream=True,
         extra_body={"threshold": 0}))
     drafted = [(c.model_extra or {})["specreason"] for c in accepted
                if c.choices and c.choices[0].delta.content and (c.model_extra or {}).get("specreason")]

@@ -60,7 +60,8 @@ class Lane:
 
     def __post_init__(self) -> None:
         cfg = self.run.config.stepwise
-        self.lookahead = LookaheadPolicy(most=cfg.lookahead, adaptive=cfg.adaptive_lookahead)
+        self.lookahead = LookaheadPolicy(most=cfg.steps_per_pass(score_mode=self.run.config.score.mode),
+                                         adaptive=cfg.adaptive_lookahead)
 
 
 class StepwiseBatch:
@@ -164,16 +165,39 @@ class StepwiseBatch:
         if any(drafting):
             chain = _score(first, ver, spans)
         verified = time.perf_counter()
-        # 3. Per lane, keep the longest passing prefix; drop the first rejected step and what follows from both
-        # caches, keeping the draft prefix the verifier agrees with; one batched decode writes every fallback.
+        # 3. Per lane, keep the longest passing prefix of steps.
         accepted = [accepted_prefix(chain.scores[i], threshold=lane.run.config.stepwise.threshold)
                     if drafting[i] and chain is not None else 0 for i, lane in enumerate(lanes)]
-        writes = [i not in failed and (not drafting[i] or accepted[i] < len(drafts[i])) for i in range(n)]
+        # 3a. Commit the accepted steps first: a client streaming the run sees them before the tokens of the
+        # step the verifier writes after them.
+        for i, lane in enumerate(lanes):
+            if i in failed or not drafting[i]:
+                continue
+            assert chain is not None
+            c = lane.counts
+            c.rounds += 1
+            c.verify_passes += 1
+            c.drafted += len(drafts[i])
+            c.accepted += accepted[i]
+            c.rejected += len(drafts[i]) - accepted[i]
+            c.wasted_tokens += sum(len(d.tokens) for d in drafts[i][accepted[i]:])
+            lane.lookahead.observe(drafted=len(drafts[i]), accepted=accepted[i])
+            try:
+                for d, score in zip(drafts[i][:accepted[i]], chain.scores[i][:accepted[i]], strict=True):
+                    self._commit(lane, tokens=d.tokens, text=d.text, author="speculator", reused=0,
+                                 out_finish=d.finish, candidates=[Candidate(text=d.text, tokens=len(d.tokens),
+                                                                            score=round(float(score), 4),
+                                                                            accepted=True)])
+            except BaseException as e:  # noqa: BLE001 - cancelled while its steps were reported: it fails alone
+                failed[i] = e
+        # 3b. Lanes that go on: drop the first rejected step and what follows from both caches, keeping the draft
+        # prefix the verifier agrees with; one batched decode writes every such step.
+        writes = [i not in failed and not lane.traj.finish and (not drafting[i] or accepted[i] < len(drafts[i]))
+                  for i, lane in enumerate(lanes)]
         reuse: list[list[int]] = [[] for _ in range(n)]
         detectors = [StepDetector(tokenizer=v_tok) for _ in range(n)]
         complete = [""] * n  # "step" / "eos" where the reused prefix already is the whole step
-        budgets = [max(lane.run.step_budget(lane.traj.tokens + sum(len(d.tokens) for d in drafts[i][:accepted[i]])), 1)
-                   for i, lane in enumerate(lanes)]
+        budgets = [max(lane.run.step_budget(lane.traj.tokens), 1) for lane in lanes]
         for i, lane in enumerate(lanes):
             if not writes[i] or not drafting[i]:
                 continue
@@ -187,7 +211,7 @@ class StepwiseBatch:
             spec.truncate(i, length=spec_len, logits=spec_logits)
             ver.truncate(i, length=ver_len[i] + offset + len(reuse[i]), logits=rows[offset + len(reuse[i])])
             complete[i] = _replay(detectors[i], reuse[i], eos)
-        streams = {i: StepStream(lane.run, index=len(lane.steps) + accepted[i]) for i, lane in enumerate(lanes)
+        streams = {i: StepStream(lane.run, index=len(lane.steps)) for i, lane in enumerate(lanes)
                    if writes[i] and lane.run.on_token is not None}
         for i, stream in streams.items():
             stream.push(reuse[i])
@@ -200,7 +224,7 @@ class StepwiseBatch:
                                     on_token=(lambda b, t: streams[b].push([t]) if b in streams else None)
                                     if streams else None)
         fell_back = time.perf_counter()
-        # 4. Commit each lane's steps, report them, and see whether the lane is done.
+        # 4. Commit the steps the verifier wrote, and see whether each lane is done.
         finished = []
         for i, lane in enumerate(lanes):
             run, traj = lane.run, lane.traj
@@ -210,26 +234,13 @@ class StepwiseBatch:
             if i in failed:
                 finished.append(i)
                 continue
-            scores = chain.scores[i] if drafting[i] and chain is not None else np.zeros(0)
-            if drafting[i]:
-                c = lane.counts
-                c.rounds += 1
-                c.verify_passes += 1
-                c.drafted += len(drafts[i])
-                c.accepted += accepted[i]
-                c.rejected += len(drafts[i]) - accepted[i]
-                c.wasted_tokens += sum(len(d.tokens) for d in drafts[i][accepted[i]:])
-                lane.lookahead.observe(drafted=len(drafts[i]), accepted=accepted[i])
-            for d, score in zip(drafts[i][:accepted[i]], scores[:accepted[i]], strict=True):
-                self._commit(lane, tokens=d.tokens, text=d.text, author="speculator", reused=0, out_finish=d.finish,
-                             candidates=[Candidate(text=d.text, tokens=len(d.tokens), score=round(float(score), 4),
-                                                   accepted=True)])
-            if writes[i] and not traj.finish:
+            if writes[i]:
                 candidates = []
                 if drafting[i]:
+                    assert chain is not None
                     d = drafts[i][accepted[i]]
                     candidates = [Candidate(text=d.text, tokens=len(d.tokens),
-                                            score=round(float(scores[accepted[i]]), 4))]
+                                            score=round(float(chain.scores[i][accepted[i]]), 4))]
                 if complete[i]:
                     tokens, out_finish = reuse[i], complete[i]
                 else:
@@ -237,8 +248,13 @@ class StepwiseBatch:
                     run.tokens["verifier"] += len(outs[i].tokens)
                     tokens, out_finish = reuse[i] + outs[i].tokens, outs[i].finish
                 spec.defer(i, run.convert(tokens, src="verifier", dst="speculator"))
-                self._commit(lane, tokens=tokens, text=v_tok.decode(tokens), author="verifier", reused=len(reuse[i]),
-                             out_finish=out_finish, candidates=candidates)
+                try:
+                    self._commit(lane, tokens=tokens, text=v_tok.decode(tokens), author="verifier",
+                                 reused=len(reuse[i]), out_finish=out_finish, candidates=candidates)
+                except BaseException as e:  # noqa: BLE001 - as above
+                    failed[i] = e
+                    finished.append(i)
+                    continue
             if traj.finish:
                 finished.append(i)
         for i in finished:
@@ -274,6 +290,8 @@ class StepwiseBatch:
         lane.steps.append(step)
         if run.on_step is not None:
             run.on_step(step)
+        if run.cancel is not None:
+            run.cancel.check()  # a chain's steps are committed without a forward in between: stop before the next
         traj.finish = run.finish_after_step(traj=traj, out_finish=out_finish, max_steps=None)
 
 

@@ -16,9 +16,9 @@ threshold 0 every draft is accepted and the output is exactly the speculator's (
 stepwise.adaptive_lookahead makes L the most steps a round drafts; LookaheadPolicy picks each round's count from
 the run's recent acceptance rate (deterministic, so a seed still reproduces a run).
 
-stepwise.overlap pipelines the two models: while the verifier prefills the prompt (in a worker thread), the
-speculator drafts the first chain; while the verifier scores chain r, the speculator drafts chain r+1 as if
-chain r passes whole. If it does, chain r+1 is ready; if not, chain r+1 is
+The verifier prefills the prompt in a worker thread while the speculator drafts the first chain (the output is
+unchanged). stepwise.overlap pipelines the rest too: while the verifier scores chain r, the speculator drafts
+chain r+1 as if chain r passes whole. If it does, chain r+1 is ready; if not, chain r+1 is
 dropped with the rejected steps (the same rewind). Always drafting the whole next chain, whatever the timing,
 keeps a seed reproducing a run; the output differs from the sequential loop's only through the speculator's
 RNG draws spent on dropped chains (threshold 0 and above-the-scale are unchanged).
@@ -113,24 +113,25 @@ class LookaheadPolicy:
 
 
 def run_lookahead(run: Run) -> RunResult:
-    if not run.config.stepwise.overlap:
-        return _run_lookahead(run, None)
-    # One worker thread: the verifier scores chain r there while this thread drafts chain r+1 (ONNX Runtime
-    # releases the GIL, so the two models run at once when there are two free cores).
+    # One worker thread for the verifier: it prefills the prompt there while this thread drafts the first chain
+    # (always: the same work in the same order, so the output is unchanged), and with stepwise.overlap it
+    # scores chain r there while this thread drafts chain r+1. ONNX Runtime releases the GIL, so the two models
+    # run at once when there are two free cores.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="specreason-verify") as pool:
         return _run_lookahead(run, pool)
 
 
-def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
+def _run_lookahead(run: Run, pool: ThreadPoolExecutor) -> RunResult:
     start = time.perf_counter()
     cfg = run.config.stepwise
     scorer = run.scorer  # built here, not lazily inside the worker thread
-    policy = LookaheadPolicy(most=cfg.lookahead, adaptive=cfg.adaptive_lookahead)
+    policy = LookaheadPolicy(most=cfg.steps_per_pass(score_mode=run.config.score.mode),
+                             adaptive=cfg.adaptive_lookahead)
     spec = run.context("speculator")
     ahead: Chain | None = None  # overlap: the chain drafted while the previous one was scored
-    if pool is not None and cfg.first_n_steps_verifier == 0:
-        # Overlap from the start: the verifier prefills its prompt in the worker thread while the speculator
-        # drafts the first chain (the same draws the loop would make, so the output does not change).
+    if cfg.first_n_steps_verifier == 0:
+        # The verifier prefills its prompt in the worker thread while the speculator drafts the first chain
+        # (the draws the loop would make first, so the output does not change).
         prefill = pool.submit(run.context, "verifier")
         try:
             with run.timer.phase("speculate"):
@@ -155,6 +156,10 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
         steps.append(step)
         if run.on_step is not None:
             run.on_step(step)
+        if run.cancel is not None:
+            # Several steps of one chain are committed without a forward in between (where the one-step
+            # loop's cancellation point is): a run cancelled during one of them stops before the next.
+            run.cancel.check()
         traj.finish = run.finish_after_step(traj=traj, out_finish=out_finish, max_steps=None)
 
     def verify(spans: list[list[int]]) -> ChainScores:
@@ -176,7 +181,7 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor | None) -> RunResult:
             # it wrote) rides along; the scoring rows start after it.
             ver_len = ver.length(0)
             spans = [run.convert(d.tokens, src="speculator", dst="verifier") for d in drafts]
-            if pool is not None and not current.ends_run:
+            if cfg.overlap and not current.ends_run:
                 # 2'. Overlap: draft the next chain as if this one passes, while the verifier scores this one.
                 future = pool.submit(verify, spans)
                 assumed = Trajectory(steps=[*traj.steps, *(list(d.tokens) for d in drafts)],
