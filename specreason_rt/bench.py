@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends.base import usable_cores
 from .backends.ort import OrtEngine
 from .bench_harness import (
     OURS,
@@ -119,7 +120,7 @@ DEFAULT_CHAT_PROMPT = "Explain in a few sentences how a bicycle works."
 
 
 def _default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def _systems(args: argparse.Namespace, *, ours: list[SystemSpec]) -> list[SystemSpec]:

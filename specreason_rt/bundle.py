@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .backends.base import usable_cores
 from .backends.providers import ProviderConfig, ProviderSpec
 from .bundle_files import Integrity, confined
 from .errors import BundleError
@@ -38,3 +39,10 @@ class Bundle:
             # Paths were confined when the manifest loaded; resolving again reads exactly the checked file.
             self.tokenizers[role] = Tokenizer(path=confined(self.path, entry.tokenizer, what="tokenizer"),
                                               generation=entry.generation)
+
+    def own_cores(self) -> bool:
+        """Whether the two models can run at once without taking cores from each other: both on the CPU, their
+        intra-op threads together within the usable cores (what stepwise.overlap needs to pay off)."""
+        threads = [model.engine.cpu_threads for model in self.models.values()]
+        return len(threads) == 2 and all(t is not None for t in threads) and \
+            sum(t for t in threads if t is not None) <= usable_cores()

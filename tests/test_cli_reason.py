@@ -75,16 +75,17 @@ def test_eval_lookahead_sweep_accounting_and_by_length(builtin_bundle: Path, tmp
     table = run(*args, "--plot-by-length", str(figure))
     assert table.returncode == 0, table.stderr
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("stepwise(lookahead=1)", "stepwise(lookahead=3)", "stepwise(lookahead=3,overlap)",
-                 "stepwise(lookahead=3,adaptive)", "stepwise(lookahead=3,adaptive,overlap)"):
+    for name in ("stepwise(lookahead=1,sequential)", "stepwise(lookahead=1,overlap)",
+                 "stepwise(lookahead=3,fixed,sequential)", "stepwise(lookahead=3,fixed,overlap)",
+                 "stepwise(lookahead=3,adaptive,sequential)", "stepwise(lookahead=3,adaptive,overlap)"):
         assert name in table.stdout
     assert "lookahead=1,adaptive" not in table.stdout  # nothing to adapt with one step per pass
     assert "by length: accuracy / speedup vs verifier" in table.stdout and "wasted" in table.stdout
     report = json.loads(run(*args, "--json").stdout)
     assert sorted(report["by_length"]) == ["2", "3"]
     assert [report["by_length"][n]["verifier"]["problems"] for n in ("2", "3")] == [4, 2]
-    one = report["strategies"]["stepwise(lookahead=1)"]["per_problem"]
-    three = report["strategies"]["stepwise(lookahead=3)"]["per_problem"]
+    one = report["strategies"]["stepwise(lookahead=1,sequential)"]["per_problem"]
+    three = report["strategies"]["stepwise(lookahead=3,fixed,sequential)"]["per_problem"]
     # per-problem means are rounded to 4 places: compare to that precision
     assert one["drafted"] == pytest.approx(one["accepted"] + one["rejected"], abs=1e-3) and one["drafted"] > 0
     assert three["verify_passes"] < three["drafted"]  # several steps scored per verifier pass

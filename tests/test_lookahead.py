@@ -166,8 +166,45 @@ def test_lookahead_config_errors_say_what_to_change() -> None:
     assert make_config(**{"stepwise.candidates": 2}).stepwise.steps_per_pass(score_mode="likelihood") == 1
     assert make_config(**{"score.mode": "judge"}).stepwise.steps_per_pass(score_mode="judge") == 1
     assert make_config().stepwise.steps_per_pass(score_mode="likelihood") == 8
-    with pytest.raises(ConfigError, match="score.mode 'likelihood' or 'head'"):
-        make_config(**{"stepwise.overlap": True, "score.mode": "judge"})
+    # Overlap is a timing choice (the output is the same): where it cannot apply, the models take turns.
+    assert make_config().stepwise.pipelines(score_mode="likelihood")
+    assert not make_config(**{"score.mode": "judge"}).stepwise.pipelines(score_mode="judge")
+    assert not make_config(**{"stepwise.candidates": 2}).stepwise.pipelines(score_mode="likelihood")
+    assert not make_config(**{"stepwise.overlap": False}).stepwise.pipelines(score_mode="likelihood")
     with pytest.raises(ConfigError, match="overlap must be true or false"):
         make_config(**{"stepwise.overlap": "yes"})
 
+
+
+@pytest.mark.parametrize(("lookahead", "adaptive"), [(1, False), (3, False), (8, True)])
+def test_overlap_writes_what_the_sequential_loop_writes(builtin_bundle: Path, lookahead: int,
+                                                        adaptive: bool) -> None:
+    """A chain drafted ahead and then dropped gives its RNG draws back, and is as long as the sequential loop's
+    next chain would be: pipelining changes when work runs, not the output, for sampled drafts too."""
+    piped, turns = Reasoner(builtin_bundle), Reasoner(builtin_bundle)
+    piped.bundle.own_cores = lambda: True  # type: ignore[method-assign]  # pipeline even on a one-core machine
+    dropped = 0  # runs where a chain drafted ahead was dropped (its draws given back)
+    long_chains = [p.question for p in heldout_split(n=60) if n_steps(p) >= 8][:6]
+    for seed, q in enumerate(long_chains):
+        over = {"stepwise.threshold": 7.0, "stepwise.lookahead": lookahead, "stepwise.adaptive_lookahead": adaptive,
+                "speculator.temperature": 2.0}  # hot drafts: chains fail mid-way, and every draw matters
+        a = piped.run(q, cfg("stepwise", seed, **over, **{"stepwise.overlap": True}))
+        b = turns.run(q, cfg("stepwise", seed, **over, **{"stepwise.overlap": False}))
+        assert a.text == b.text
+        assert [(s.author, s.text) for s in a.steps] == [(s.author, s.text) for s in b.steps]
+        assert a.drafts.accepted == b.drafts.accepted and a.drafts.verify_passes == b.drafts.verify_passes
+        dropped += a.drafts.drafted > b.drafts.drafted
+    assert dropped > 0
+
+
+def test_overlap_needs_a_core_per_model_and_never_leaves_the_serving_batch(builtin_bundle: Path) -> None:
+    from specreason_rt.backends.base import usable_cores
+    from specreason_rt.strategies.batched import batch_key
+
+    one = Bundle(builtin_bundle, intra_op_threads=1)
+    assert [m.engine.cpu_threads for m in one.models.values()] == [1, 1]
+    assert one.own_cores() == (usable_cores() >= 2)
+    every = Bundle(builtin_bundle, intra_op_threads=usable_cores())  # each model would take every core
+    assert not every.own_cores()
+    # The default overlaps, and still batches: a lane writes what its run alone writes.
+    assert make_config().stepwise.overlap and batch_key(make_config()) is not None

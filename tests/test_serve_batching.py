@@ -26,13 +26,16 @@ def config(i: int, temperature: float = 0.7) -> ReasonConfig:
     return make_config(strategy="stepwise", seed=i, **{
         "speculator.temperature": temperature, "stepwise.threshold": [5, 7, 8.9, 10][i % 4],
         "limits.max_tokens": [512, 20][i % 5 == 4], "stepwise.first_n_steps_verifier": int(i % 6 == 5),
-        "stepwise.lookahead": [1, 3, 1, 2, 4, 1, 6][i % 7], "stepwise.adaptive_lookahead": i % 7 in (3, 6)})
+        "stepwise.lookahead": [1, 3, 1, 2, 4, 1, 6][i % 7], "stepwise.adaptive_lookahead": i % 7 in (3, 6),
+        "stepwise.overlap": i % 2 == 0})
 
 
 @pytest.fixture(scope="module")
 def alone(builtin_bundle: Path) -> dict[int, RunResult]:
+    # Models in turn, as a lane runs them: a run alone that overlaps writes the same (test_lookahead.py) but
+    # also counts the speculator tokens of the chains it drafted ahead and dropped.
     r = Reasoner(builtin_bundle)
-    return {i: r.run(q, config(i)) for i, q in enumerate(PROBLEMS)}
+    return {i: r.run(q, config(i).replace(**{"stepwise.overlap": False})) for i, q in enumerate(PROBLEMS)}
 
 
 def test_lanes_joining_and_leaving_give_each_run_alone(builtin_bundle: Path, alone: dict[int, RunResult]) -> None:

@@ -7,6 +7,7 @@ RoleModel drives a model through these and nothing else, so a backend is a subcl
         append the first n_new[b] tokens of input_ids[b] ([branches, new], right-padded) to branch b and return
         the logits at logits_index ([branches, k] positions < new), plus the value head's output when asked
   has_value      whether the graph / engine has a value head output
+  cpu_threads    the intra-op threads it runs on the CPU, or None where it runs elsewhere (a GPU)
   ort_seconds    wall time spent inside the backend's runtime (ONNX Runtime or TensorRT execution)
   close()        release what the backend holds (sessions, streams, device memory); idempotent
 
@@ -15,6 +16,7 @@ RoleModel drives a model through these and nothing else, so a backend is a subcl
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -23,9 +25,15 @@ from ..errors import ConfigError
 from ..kv_cache import KVCache
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class Engine(ABC):
     has_value: bool
     ort_seconds: float
+    cpu_threads: int | None = None
     # What the user does to get a value head for this backend (the end of step_with_values' refusal).
     value_head_hint = "export the verifier with a value head: specreason-export --value-head FILE"
 

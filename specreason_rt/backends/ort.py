@@ -21,7 +21,7 @@ import onnxruntime as ort
 from ..errors import BundleError, ConfigError
 from ..kv_cache import KVCache
 from ..manifest import ModelEntry
-from .base import Engine
+from .base import Engine, usable_cores
 from .providers import ProviderSpec, check_session_providers
 
 
@@ -44,6 +44,9 @@ class OrtEngine(Engine):
         self.session = ort.InferenceSession(str(model_path), opts, providers=requested)
         # ONNX Runtime falls back to the next provider (with a warning at most) when one cannot load: refuse that.
         check_session_providers(requested=requested, actual=self.session.get_providers(), model=str(model_path))
+        # 0 threads is ONNX Runtime's own choice: a thread per core.
+        on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
+        self.cpu_threads = (intra_op_threads or usable_cores()) if on_cpu else None
         if expected_inputs is not None:
             expected, actual = set(expected_inputs), {i.name for i in self.session.get_inputs()}
             if expected != actual:

@@ -179,18 +179,20 @@ def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonCo
     for strategy in args.strategy:
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
-        overlaps = {"both": [False, True], "on": [True]}.get(args.overlap, [None])
-        adaptives = {"both": [False, True], "on": [True]}.get(args.adaptive, [None])
-        if strategy == "stepwise" and (args.thresholds or args.lookaheads or args.overlap != "off"
-                                       or args.adaptive != "off"):
+        # Not given: the configured value, one row; off / on / both: that value, or a row each.
+        choices: dict[str | None, list[bool | None]] = {None: [None], "off": [False], "on": [True],
+                                                        "both": [False, True]}
+        overlaps, adaptives = choices[args.overlap], choices[args.adaptive]
+        if strategy == "stepwise" and (args.thresholds or args.lookaheads or args.overlap or args.adaptive):
             # One row per (threshold, lookahead, adaptive, overlap); an axis not given keeps the configured value.
             for t, k, a, o in itertools.product(args.thresholds or [None], args.lookaheads or [None], adaptives,
                                                 overlaps):
                 if a and k == 1:
                     continue  # adaptive chooses between 1 and the lookahead: nothing to choose at 1
                 parts = ([f"threshold={t:g}"] if t is not None else []) + \
-                    ([f"lookahead={k}"] if k is not None else []) + (["adaptive"] if a else []) + \
-                    (["overlap"] if o else [])
+                    ([f"lookahead={k}"] if k is not None else []) + \
+                    ([] if a is None or k == 1 else ["adaptive" if a else "fixed"]) + \
+                    ([] if o is None else ["overlap" if o else "sequential"])
                 over = {**base, **({"stepwise.threshold": t} if t is not None else {}),
                         **({"stepwise.lookahead": k} if k is not None else {}),
                         **({"stepwise.adaptive_lookahead": a} if a is not None else {}),
@@ -310,12 +312,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--lookaheads", type=int, nargs="+", metavar="L",
                     help="run stepwise once per lookahead (steps drafted per verifier pass), e.g. --lookaheads 1 4; "
                          "with --thresholds, once per pair")
-    ev.add_argument("--adaptive", choices=["off", "on", "both"], default="off",
+    ev.add_argument("--adaptive", choices=["off", "on", "both"], default=None,
                     help="stepwise: choose each round's lookahead (up to --lookaheads L) from the run's recent "
-                         "acceptance rate (on), or run each stepwise row both ways (both); default off")
-    ev.add_argument("--overlap", choices=["off", "on", "both"], default="off",
-                    help="stepwise: pipeline the speculator's next chain with the verifier's scoring (on), or run "
-                         "each stepwise row both ways (both); default off")
+                         "acceptance rate (on), draft L steps every round (off), or a row each (both); default: "
+                         "the config's stepwise.adaptive_lookahead (true)")
+    ev.add_argument("--overlap", choices=["off", "on", "both"], default=None,
+                    help="stepwise: pipeline the speculator's next chain with the verifier's scoring where each "
+                         "model has a core (on), run the models in turn (off), or a row each (both); the output "
+                         "is the same; default: the config's stepwise.overlap (true)")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N problems")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
     ev.add_argument("--plot", metavar="FILE.png", help="write accuracy vs latency per strategy as a PNG")

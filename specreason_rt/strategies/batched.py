@@ -42,8 +42,10 @@ from .stepwise import _greedy_prefix, _replay
 
 def batch_key(config: ReasonConfig) -> tuple[Any, ...] | None:
     """Configs with equal keys can share a batch; None: this config is not batched (run it alone)."""
-    if config.strategy != "stepwise" or config.stepwise.candidates != 1 or config.stepwise.overlap:
-        return None  # overlap pipelines one run's two models in two threads: it runs alone
+    if config.strategy != "stepwise" or config.stepwise.candidates != 1:
+        return None
+    # stepwise.overlap is left out: a lane shares its forwards with the other lanes instead, and overlap never
+    # changes a run's output, so a lane writes what its run alone writes.
     return (config.score, config.speculator, config.verifier)
 
 

@@ -17,18 +17,21 @@ stepwise.adaptive_lookahead makes L the most steps a round drafts; LookaheadPoli
 the run's recent acceptance rate (deterministic, so a seed still reproduces a run).
 
 The verifier prefills the prompt in a worker thread while the speculator drafts the first chain (the output is
-unchanged). stepwise.overlap pipelines the rest too: while the verifier scores chain r, the speculator drafts
-chain r+1 as if chain r passes whole. If it does, chain r+1 is ready; if not, chain r+1 is
-dropped with the rejected steps (the same rewind). Always drafting the whole next chain, whatever the timing,
-keeps a seed reproducing a run; the output differs from the sequential loop's only through the speculator's
-RNG draws spent on dropped chains (threshold 0 and above-the-scale are unchanged).
+unchanged). stepwise.overlap pipelines the rest too, where each model has a core of its own (Bundle.own_cores):
+while the verifier scores chain r, the speculator drafts chain r+1 as if chain r passes whole, with the length
+the policy would choose after that. If chain r passes, chain r+1 is ready; if not, chain r+1 is dropped with
+the rejected steps (the same rewind) and the speculator's RNG goes back to its state before chain r+1, so the
+next chain is drafted with the draws the sequential loop would use. The output is the sequential loop's, for
+every seed: pipelining changes when work runs, never what is written.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -105,6 +108,14 @@ class LookaheadPolicy:
                 k += 1
         return k
 
+    def size_if_all_pass(self, drafted: int) -> int:
+        """size() after observe(drafted=drafted, accepted=drafted), without changing this policy: the length of
+        the chain drafted ahead, which is kept only when the current chain passes whole."""
+        ahead = LookaheadPolicy(most=self.most, adaptive=self.adaptive)
+        ahead.rate = self.rate
+        ahead.observe(drafted=drafted, accepted=drafted)
+        return ahead.size()
+
     def observe(self, *, drafted: int, accepted: int) -> None:
         """Fold in one round: `accepted` leading steps passed; a rejection follows them if accepted < drafted."""
         outcomes = [1.0] * accepted + ([0.0] if accepted < drafted else [])
@@ -116,7 +127,7 @@ def run_lookahead(run: Run) -> RunResult:
     # One worker thread for the verifier: it prefills the prompt there while this thread drafts the first chain
     # (always: the same work in the same order, so the output is unchanged), and with stepwise.overlap it
     # scores chain r there while this thread drafts chain r+1. ONNX Runtime releases the GIL, so the two models
-    # run at once when there are two free cores.
+    # run at once when each has a core of its own (otherwise they would take cores from each other: in turn).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="specreason-verify") as pool:
         return _run_lookahead(run, pool)
 
@@ -127,8 +138,10 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor) -> RunResult:
     scorer = run.scorer  # built here, not lazily inside the worker thread
     policy = LookaheadPolicy(most=cfg.steps_per_pass(score_mode=run.config.score.mode),
                              adaptive=cfg.adaptive_lookahead)
+    pipelined = cfg.pipelines(score_mode=run.config.score.mode) and run.bundle.own_cores()
     spec = run.context("speculator")
     ahead: Chain | None = None  # overlap: the chain drafted while the previous one was scored
+    ahead_rng: Mapping[str, Any] = {}  # overlap: the speculator's RNG state before that chain's draws
     if cfg.first_n_steps_verifier == 0:
         # The verifier prefills its prompt in the worker thread while the speculator drafts the first chain
         # (the draws the loop would make first, so the output does not change).
@@ -181,14 +194,16 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor) -> RunResult:
             # it wrote) rides along; the scoring rows start after it.
             ver_len = ver.length(0)
             spans = [run.convert(d.tokens, src="speculator", dst="verifier") for d in drafts]
-            if cfg.overlap and not current.ends_run:
+            if pipelined and not current.ends_run:
                 # 2'. Overlap: draft the next chain as if this one passes, while the verifier scores this one.
                 future = pool.submit(verify, spans)
                 assumed = Trajectory(steps=[*traj.steps, *(list(d.tokens) for d in drafts)],
                                      texts=[*traj.texts, *(d.text for d in drafts)])
+                ahead_rng = run.rng["speculator"].bit_generator.state
                 try:
                     with run.timer.phase("speculate"):
-                        ahead = draft_chain(run, spec=spec, traj=assumed, lookahead=policy.size())
+                        ahead = draft_chain(run, spec=spec, traj=assumed,
+                                            lookahead=policy.size_if_all_pass(len(drafts)))
                     run.tokens["speculator"] += sum(len(d.tokens) for d in ahead.drafts)
                 finally:
                     chain = future.result()  # never leave the verifier running on its own
@@ -204,10 +219,12 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor) -> RunResult:
             counts.rejected += len(drafts) - accepted
             counts.wasted_tokens += sum(len(d.tokens) for d in drafts[accepted:])
             if ahead is not None and accepted < len(drafts):
-                # The chain drafted ahead assumed every step here passes: drop it (the rewind below covers it).
+                # The chain drafted ahead assumed every step here passes: drop it (the rewind below covers its
+                # tokens) and give back its draws, so the next chain is drafted as the sequential loop drafts it.
                 counts.drafted += len(ahead.drafts)
                 counts.rejected += len(ahead.drafts)
                 counts.wasted_tokens += sum(len(d.tokens) for d in ahead.drafts)
+                run.rng["speculator"].bit_generator.state = ahead_rng
                 ahead = None
             # 3a. Accept the prefix: both caches already hold it.
             for d, score in zip(drafts[:accepted], scores[:accepted], strict=True):

@@ -63,7 +63,7 @@ def write_rest_of_step(run: Run, ver: Context, *, index: int, reuse_span: list[i
 
 def run_stepwise(run: Run) -> RunResult:
     cfg = run.config.stepwise
-    if cfg.steps_per_pass(score_mode=run.config.score.mode) > 1 or cfg.overlap:
+    if cfg.steps_per_pass(score_mode=run.config.score.mode) > 1 or cfg.pipelines(score_mode=run.config.score.mode):
         from .lookahead import run_lookahead  # lookahead.py builds on this module's helpers
 
         return run_lookahead(run)
