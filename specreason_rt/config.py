@@ -97,7 +97,7 @@ class StepwiseConfig:
     # scores this one, in a second thread. It changes when work runs, never the output, so it is on by default
     # and applies where it can: one candidate per step, scores read from the pass (not 'judge'), both models
     # on the CPU with a core each (Bundle.own_cores); elsewhere, and in the serving batch, the models take
-    # turns. On the built-in pair, 2 cores: 1.07-1.28x the sequential loop (BENCHMARKS.md).
+    # turns (BENCHMARKS.md measures both on the built-in pair).
     overlap: bool = True
 
     def steps_per_pass(self, *, score_mode: str) -> int:
