@@ -42,14 +42,15 @@ def test_lookahead_policy_drafts_what_the_acceptance_rate_says_will_survive() ->
     assert fixed.size() == 4  # not adaptive: always the configured lookahead
     policy = LookaheadPolicy(most=6, adaptive=True)
     assert policy.size() == 3  # the prior 0.75: 0.75**2 >= 1/2 > 0.75**3
-    assert policy.likely_all_pass(2) and not policy.likely_all_pass(3)  # the same rule, for drafting ahead
+    assert policy.draft_ahead(8)  # overlap: the first round drafts ahead (nothing is known yet)
     for _ in range(10):
         policy.observe(drafted=policy.size(), accepted=policy.size())
     assert policy.size() == 6 and policy.rate > 0.9  # everything passes: up to the most
+    assert policy.draft_ahead(6) == (policy.rate**6 >= 0.5)  # then size()'s rule: ahead of a likely pass
     for _ in range(3):
         policy.observe(drafted=policy.size(), accepted=0)
     assert policy.size() == 1 and policy.rate < 0.5  # three rejections in a row: one step at a time
-    assert not policy.likely_all_pass(1)  # overlap would not draft ahead of even one step
+    assert not policy.draft_ahead(1)  # overlap would not draft ahead of even one step
     before = policy.rate
     policy.observe(drafted=5, accepted=2)  # two passes, then one rejection; steps after it are no evidence
     expected = before
@@ -179,7 +180,7 @@ def test_lookahead_config_errors_say_what_to_change() -> None:
 
 
 # Adaptive rounds reach their most (3) while the rate is >= 0.79; only then is a chain likely to pass whole
-# and the next one drafted ahead (LookaheadPolicy.likely_all_pass).
+# and the next one drafted ahead (LookaheadPolicy.draft_ahead).
 @pytest.mark.parametrize(("lookahead", "adaptive"), [(1, False), (3, False), (3, True)])
 def test_overlap_writes_what_the_sequential_loop_writes(builtin_bundle: Path, lookahead: int,
                                                         adaptive: bool) -> None:

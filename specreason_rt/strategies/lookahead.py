@@ -99,6 +99,7 @@ class LookaheadPolicy:
     def __init__(self, *, most: int, adaptive: bool) -> None:
         self.most, self.adaptive = most, adaptive
         self.rate = self.PRIOR
+        self.observed = 0  # rounds folded in so far
 
     def size(self) -> int:
         if not self.adaptive:
@@ -109,13 +110,14 @@ class LookaheadPolicy:
                 k += 1
         return k
 
-    def likely_all_pass(self, drafted: int) -> bool:
-        """Whether a chain of `drafted` steps passes whole with a chance of at least half (the rule size() uses):
-        when overlap should draft the next chain ahead. A chain drafted ahead of one that then fails is thrown
+    def draft_ahead(self, drafted: int) -> bool:
+        """Whether overlap should draft the next chain ahead of this one of `drafted` steps: in the first round
+        (nothing is known yet), then while the chain passes whole with
+        a chance of at least half (the rule size() uses). A chain drafted ahead of one that then fails is thrown
         away, and drafting it is not free: it holds the GIL between the speculator's forwards while the verifier
-        needs it between its own (a speculator right on 70% of steps ran 7% slower when it always drafted
-        ahead, BENCHMARKS.md)."""
-        return self.rate**drafted >= 0.5
+        needs it between its own (a speculator right on 70% of steps ran 7% slower drafting ahead of every
+        chain, BENCHMARKS.md)."""
+        return self.observed == 0 or self.rate**drafted >= 0.5
 
     def size_if_all_pass(self, drafted: int) -> int:
         """size() after observe(drafted=drafted, accepted=drafted), without changing this policy: the length of
@@ -127,6 +129,7 @@ class LookaheadPolicy:
 
     def observe(self, *, drafted: int, accepted: int) -> None:
         """Fold in one round: `accepted` leading steps passed; a rejection follows them if accepted < drafted."""
+        self.observed += 1
         outcomes = [1.0] * accepted + ([0.0] if accepted < drafted else [])
         for x in outcomes:
             self.rate += self.DECAY * (x - self.rate)
@@ -203,7 +206,7 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor) -> RunResult:
             # it wrote) rides along; the scoring rows start after it.
             ver_len = ver.length(0)
             spans = [run.convert(d.tokens, src="speculator", dst="verifier") for d in drafts]
-            if pipelined and not current.ends_run and policy.likely_all_pass(len(drafts)):
+            if pipelined and not current.ends_run and policy.draft_ahead(len(drafts)):
                 # 2'. Overlap: draft the next chain as if this one passes, while the verifier scores this one.
                 future = pool.submit(verify, spans)
                 assumed = Trajectory(steps=[*traj.steps, *(list(d.tokens) for d in drafts)],
