@@ -44,5 +44,6 @@ class Bundle:
         """Whether the two models can run at once without taking cores from each other: both on the CPU, their
         intra-op threads together within the usable cores (what stepwise.overlap needs to pay off)."""
         threads = [model.engine.cpu_threads for model in self.models.values()]
-        return len(threads) == 2 and all(t is not None for t in threads) and \
-            sum(t for t in threads if t is not None) <= usable_cores()
+        if len(threads) != 2 or None in threads:
+            return False
+        return sum(t or 0 for t in threads) <= usable_cores()

@@ -90,8 +90,9 @@ class StepwiseConfig:
     # Adaptive lookahead: `lookahead` becomes the most steps a round drafts; each round drafts as many as the
     # run's recent acceptance rate says will likely survive (strategies/lookahead.py, LookaheadPolicy), and one
     # step where steps are scored one at a time (candidates > 1, or score mode 'judge'). The default: on the
-    # built-in pair it is 1.3x faster than one step per pass with a speculator that is right on 99% of steps and
-    # as fast with one that is right on 70% (BENCHMARKS.md); a fixed lookahead of 8 is 0.8x there.
+    # built-in pair it is 1.43x faster than one step per pass with a speculator whose steps pass 99.5% of the
+    # time and 1.10x with one whose steps pass 71% of the time, where a fixed lookahead of 8 is 0.92x
+    # (BENCHMARKS.md, models in turn).
     adaptive_lookahead: bool = True
     # Pipeline the models (strategies/lookahead.py): the speculator drafts the next chain while the verifier
     # scores this one, in a second thread. It changes when work runs, never the output, so it is on by default

@@ -52,6 +52,21 @@ class DraftCounts:
     verify_passes: int = 0
     rounds: int = 0
 
+    def add_round(self, *, step_tokens: list[int], accepted: int) -> None:
+        """One draft-then-verify round: the drafted steps' token counts, of which the first `accepted` passed."""
+        self.rounds += 1
+        self.verify_passes += 1
+        self.drafted += len(step_tokens)
+        self.accepted += accepted
+        self.rejected += len(step_tokens) - accepted
+        self.wasted_tokens += sum(step_tokens[accepted:])
+
+    def add_dropped(self, *, step_tokens: list[int]) -> None:
+        """Steps drafted and dropped unscored (overlap's chain drafted ahead of one that failed)."""
+        self.drafted += len(step_tokens)
+        self.rejected += len(step_tokens)
+        self.wasted_tokens += sum(step_tokens)
+
 
 @dataclass(frozen=True)
 class TokenDelta:

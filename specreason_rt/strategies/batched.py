@@ -176,13 +176,7 @@ class StepwiseBatch:
             if i in failed or not drafting[i]:
                 continue
             assert chain is not None
-            c = lane.counts
-            c.rounds += 1
-            c.verify_passes += 1
-            c.drafted += len(drafts[i])
-            c.accepted += accepted[i]
-            c.rejected += len(drafts[i]) - accepted[i]
-            c.wasted_tokens += sum(len(d.tokens) for d in drafts[i][accepted[i]:])
+            lane.counts.add_round(step_tokens=[len(d.tokens) for d in drafts[i]], accepted=accepted[i])
             lane.lookahead.observe(drafted=len(drafts[i]), accepted=accepted[i])
             try:
                 for d, score in zip(drafts[i][:accepted[i]], chain.scores[i][:accepted[i]], strict=True):

@@ -112,11 +112,10 @@ class LookaheadPolicy:
 
     def draft_ahead(self, drafted: int) -> bool:
         """Whether overlap should draft the next chain ahead of this one of `drafted` steps: in the first round
-        (nothing is known yet), then while the chain passes whole with
-        a chance of at least half (the rule size() uses). A chain drafted ahead of one that then fails is thrown
-        away, and drafting it is not free: it holds the GIL between the speculator's forwards while the verifier
-        needs it between its own (a speculator right on 70% of steps ran 7% slower drafting ahead of every
-        chain, BENCHMARKS.md)."""
+        (nothing is known yet), then where this chain passes whole with a chance of at least half (the rule
+        size() uses). A chain drafted ahead of one that then fails is thrown away, and drafting it is not free:
+        it holds the GIL between the speculator's forwards while the verifier needs it between its own (a
+        speculator right on 70% of steps ran 7% slower drafting ahead of every chain, BENCHMARKS.md)."""
         return self.observed == 0 or self.rate**drafted >= 0.5
 
     def size_if_all_pass(self, drafted: int) -> int:
@@ -224,18 +223,11 @@ def _run_lookahead(run: Run, pool: ThreadPoolExecutor) -> RunResult:
             scores, rows, starts = chain.scores[0], chain.rows[0], chain.starts[0]
             accepted = accepted_prefix(scores, threshold=cfg.threshold)
             policy.observe(drafted=len(drafts), accepted=accepted)
-            counts.rounds += 1
-            counts.verify_passes += 1
-            counts.drafted += len(drafts)
-            counts.accepted += accepted
-            counts.rejected += len(drafts) - accepted
-            counts.wasted_tokens += sum(len(d.tokens) for d in drafts[accepted:])
+            counts.add_round(step_tokens=[len(d.tokens) for d in drafts], accepted=accepted)
             if ahead is not None and accepted < len(drafts):
                 # The chain drafted ahead assumed every step here passes: drop it (the rewind below covers its
                 # tokens) and give back its draws, so the next chain is drafted as the sequential loop drafts it.
-                counts.drafted += len(ahead.drafts)
-                counts.rejected += len(ahead.drafts)
-                counts.wasted_tokens += sum(len(d.tokens) for d in ahead.drafts)
+                counts.add_dropped(step_tokens=[len(d.tokens) for d in ahead.drafts])
                 run.rng["speculator"].bit_generator.state = ahead_rng
                 ahead = None
             # 3a. Accept the prefix: both caches already hold it.
