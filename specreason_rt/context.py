@@ -56,6 +56,31 @@ class Context:
         """Branch b's tokens after the prompt."""
         return self.tokens[b][self.prompt_lens[b]:]
 
+    def decode_to_end(self, *, params: SamplingParams, rng: np.random.Generator | Sequence[np.random.Generator],
+                      max_tokens: Sequence[int],
+                      next_step: Callable[[int, BranchOutput], int],
+                      on_token: Callable[[int, int], None] | None = None) -> None:
+        """Sample every branch step after step (its first step of at most max_tokens[b]) until next_step(b, step)
+        returns 0 for it; see decode(). Branches never wait for each other at step ends, and finished ones
+        leave the batch as they go, so the context is spent afterwards: it holds no branches.
+        """
+        self.flush()
+        if self.cancel is not None:
+            self.cancel.check()
+        history = [list(t) for t in self.tokens] if params.repetition_penalty != 1.0 else None
+        generated = [0] * self.branches
+
+        def step_end(b: int, step: BranchOutput) -> int:
+            generated[b] += len(step.tokens)
+            return next_step(b, step)
+
+        decode(model=self.model, tokenizer=self.tokenizer, cache=self.cache, logits=self.logits, params=params,
+               rng=rng, max_tokens=max_tokens, history=history, on_token=on_token, next_step=step_end,
+               evict_finished=True)
+        # Every forward fed one token of the branch that ran longest, whose first token needed none.
+        self.forwards += max(max(generated) - 1, 0)
+        self.prompt_lens, self.tokens, self.pending, self.logits = [], [], [], self.logits[:0]
+
     # -- branch bookkeeping -------------------------------------------------------------------------------------
     def gather(self, rows: Sequence[int]) -> None:
         """Keep, reorder or duplicate branches: new branch j is old branch rows[j] (the cache rows move along)."""

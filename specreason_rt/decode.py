@@ -38,7 +38,8 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
            stop_at_step: bool = True, stop_strings: Sequence[str] = (),
            history: list[list[int]] | None = None, on_token: Callable[[int, int], None] | None = None,
            detectors: list[StepDetector] | None = None, evict_finished: bool = False,
-           active: Sequence[bool] | None = None) -> list[BranchOutput]:
+           active: Sequence[bool] | None = None,
+           next_step: Callable[[int, BranchOutput], int] | None = None) -> list[BranchOutput]:
     """Sample from `logits` [branches, vocab] (the rows after each branch's last cached token) onwards.
 
     history[b]: tokens already in branch b (for the repetition penalty); extended in place.
@@ -49,6 +50,10 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
     branches still running when decode returns, none if all finished); for callers that discard the cache.
     rng and max_tokens may be given per branch (branches of different requests in one batch); active[b] False
     leaves branch b alone (no tokens, finish "", nothing fed).
+    next_step(b, step): called as branch b ends a step (any finish, text decoded); when the step ended at its
+    delimiter or token limit and next_step returns n > 0, branch b goes straight on with a new step of at
+    most n tokens in the same batch, without waiting for the other branches. Each step is handed over
+    through it; the returned list then holds each branch's last step.
     """
     branches = cache.branches
     limits = np.broadcast_to(np.asarray(max_tokens, np.int64), (branches,))  # [branches]
@@ -74,6 +79,7 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
     is_running: list[bool] = running.tolist()
     limit_of: list[int] = limits.tolist()
     branch_of_row: list[int] = list(range(branches))  # cache row j holds branch branch_of_row[j]
+    last: list[int] = [0] * branches  # each branch's latest token: the next forward feeds it
     # Only the repetition penalty reads the history: skip turning it into arrays every step otherwise.
     needs_history = params.repetition_penalty != 1.0
     while True:
@@ -89,6 +95,7 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
             out = outs[b]
             out.tokens.append(tok)
             out.logprobs.append(lp)
+            last[b] = tok
             history[b].append(tok)
             if on_token is not None:
                 on_token(b, tok)
@@ -101,6 +108,14 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
                 out.finish = "stop"
             elif len(out.tokens) >= limit_of[b]:
                 out.finish = "length"
+            if out.finish and next_step is not None:
+                out.text = tokenizer.decode(out.tokens)
+                more = next_step(b, out)
+                if more > 0 and out.finish in ("step", "length"):  # the next step starts in this batch
+                    outs[b] = BranchOutput(tokens=[], logprobs=[], finish="")
+                    steps[b] = StepDetector(tokenizer=tokenizer, delimiter=model.generation.step_delimiter)
+                    limit_of[b] = more
+                    continue
             if out.finish:
                 is_running[b] = False
         n_running = sum(is_running)
@@ -113,7 +128,7 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
             cache.gather(keep)
             branch_of_row = [branch_of_row[j] for j in keep]
         # 3. One forward: running branches feed their new token, finished ones feed nothing.
-        feed = [[outs[b].tokens[-1]] if is_running[b] else [] for b in branch_of_row]
+        feed = [[last[b]] if is_running[b] else [] for b in branch_of_row]
         logits = model.forward(cache=cache, tokens=feed)
     for out in outs:
         out.text = tokenizer.decode(out.tokens)

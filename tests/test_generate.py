@@ -149,3 +149,50 @@ def test_evicting_finished_branches_changes_nothing_but_the_batch(builtin_bundle
     for a, b in zip(kept, evicted, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     assert rows_kept == 8 and rows_evicted < 8
+
+
+def test_branches_that_go_on_past_a_step_end_write_what_stepping_in_lockstep_writes(builtin_bundle: Path) -> None:
+    """Context.decode_to_end (each branch starts its next step at once) against decode_steps called once per
+    step for every branch (each step waits for the batch's longest): same tokens per branch and step, given a
+    generator per branch, in fewer forwards."""
+    from specreason_rt.context import Context
+
+    bundle = Bundle(builtin_bundle, roles=["speculator"])
+    model, tok = bundle.models["speculator"], bundle.tokenizers["speculator"]
+    prompt = tok.encode_chat([{"role": "user", "content": "37+45*3-12"}])
+    params = SamplingParams(temperature=2.0)  # hot, so the branches' steps differ in length
+    n, steps_each = 6, 3
+
+    def context() -> Context:
+        ctx = Context(model=model, tokenizer=tok, prompt=prompt, room=3 * 40)
+        ctx.gather([0] * n)
+        return ctx
+
+    lockstep = context()
+    rngs = [np.random.default_rng(300 + b) for b in range(n)]
+    stepped: list[list[list[int]]] = [[] for _ in range(n)]
+    ended = [False] * n  # eos ends a branch for good
+    for _ in range(steps_each):
+        outs = lockstep.decode_steps(params=params, rng=rngs, max_tokens=40, active=[not e for e in ended])
+        for b, out in enumerate(outs):
+            if out.tokens:
+                stepped[b].append(out.tokens)
+                ended[b] = out.finish == "eos"
+
+    continuous = context()
+    rngs = [np.random.default_rng(300 + b) for b in range(n)]
+    written: list[list[list[int]]] = [[] for _ in range(n)]
+
+    def next_step(b: int, out) -> int:
+        written[b].append(out.tokens)
+        return 40 if len(written[b]) < steps_each else 0
+
+    continuous.decode_to_end(params=params, rng=rngs, max_tokens=[40] * n, next_step=next_step)
+    assert written == stepped
+    lengths = np.zeros((n, steps_each), np.int64)  # [branches, steps]: tokens per step, 0 after an eos
+    for b, branch in enumerate(written):
+        lengths[b, :len(branch)] = [len(s) for s in branch]
+    assert continuous.forwards == lengths.sum(axis=1).max()  # the prefill, then one per token of the longest
+    assert lockstep.forwards == lengths.max(axis=0).sum()  # each step as long as its longest branch's
+    assert continuous.forwards < lockstep.forwards
+    assert continuous.branches == 0

@@ -304,3 +304,11 @@ def test_a_chat_and_raw_text_prompt(reasoner: Reasoner) -> None:
     with pytest.raises(ConfigError, match="not valid Unicode"):
         Prompt.text("1+\ud800")
     assert reasoner.run(Prompt.text("12+34=46\n\n"), cfg("verifier")).text is not None
+
+
+def test_best_of_n_decodes_no_longer_than_its_longest_trajectory(reasoner: Reasoner) -> None:
+    """The trajectories never wait for each other at step ends: one speculator forward per token of the
+    longest (the prefill included), where stepping in lockstep ran each step as long as its longest branch's."""
+    for seed, q in enumerate(QUESTIONS):
+        result = reasoner.run(q, cfg("best_of_n", seed, **{"speculator.temperature": 1.5}))
+        assert result.forwards["speculator"] == max(c.tokens for c in result.candidates)
