@@ -63,12 +63,18 @@ class SearchConfig:
     beam_width: int = 4  # tree: children per node and nodes kept per level
     tree_depth: int = 3  # tree: levels expanded before the kept nodes are finished as trajectories
     majority_model: str = "speculator"  # which model samples the majority vote
+    # best_of_n: stop sampling once this many trajectories have finished and choose among them (0: wait for
+    # all n_specs). Cuts the wait for the longest sample; see strategies/search.py.
+    stop_after: int = 0
 
     def __post_init__(self) -> None:
         for name, most in (("n_specs", MAX_BRANCHES), ("max_depth", MAX_DEPTH),
                            ("beam_width", math.isqrt(MAX_BRANCHES)), ("tree_depth", MAX_DEPTH)):
             value = getattr(self, name)
             _check(_is_int(value) and 1 <= value <= most, f"{name} must be an integer in [1, {most}], got {value!r}")
+        _check(_is_int(self.stop_after) and 0 <= self.stop_after <= self.n_specs,
+               f"stop_after must be an integer in [0, n_specs={self.n_specs}] (0: wait for every trajectory), "
+               f"got {self.stop_after!r}")
         _check(self.majority_model in ("speculator", "verifier"),
                f"majority_model must be 'speculator' or 'verifier', got {self.majority_model!r}")
 

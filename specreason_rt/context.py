@@ -59,10 +59,11 @@ class Context:
     def decode_to_end(self, *, params: SamplingParams, rng: np.random.Generator | Sequence[np.random.Generator],
                       max_tokens: Sequence[int],
                       next_step: Callable[[int, BranchOutput], int],
-                      on_token: Callable[[int, int], None] | None = None) -> None:
+                      on_token: Callable[[int, int], None] | None = None) -> list[BranchOutput]:
         """Sample every branch step after step (its first step of at most max_tokens[b]) until next_step(b, step)
-        returns 0 for it; see decode(). Branches never wait for each other at step ends, and finished ones
-        leave the batch as they go, so the context is spent afterwards: it holds no branches.
+        returns 0 for it (or STOP_ALL for all); see decode(). Branches never wait for each other at step ends,
+        and finished ones leave the batch as they go, so the context is spent afterwards: it holds no branches.
+        Returns each branch's last step: finished (and handed to next_step), or cut by STOP_ALL (finish "").
         """
         self.flush()
         if self.cancel is not None:
@@ -74,12 +75,14 @@ class Context:
             generated[b] += len(step.tokens)
             return next_step(b, step)
 
-        decode(model=self.model, tokenizer=self.tokenizer, cache=self.cache, logits=self.logits, params=params,
-               rng=rng, max_tokens=max_tokens, history=history, on_token=on_token, next_step=step_end,
-               evict_finished=True)
+        outs = decode(model=self.model, tokenizer=self.tokenizer, cache=self.cache, logits=self.logits,
+                      params=params, rng=rng, max_tokens=max_tokens, history=history, on_token=on_token,
+                      next_step=step_end, evict_finished=True)
         # Every forward fed one token of the branch that ran longest, whose first token needed none.
-        self.forwards += max(max(generated) - 1, 0)
+        ran = [g + (len(o.tokens) if not o.finish else 0) for g, o in zip(generated, outs, strict=True)]
+        self.forwards += max(max(ran) - 1, 0)
         self.prompt_lens, self.tokens, self.pending, self.logits = [], [], [], self.logits[:0]
+        return outs
 
     # -- branch bookkeeping -------------------------------------------------------------------------------------
     def gather(self, rows: Sequence[int]) -> None:

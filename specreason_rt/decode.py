@@ -23,6 +23,7 @@ from .sampling import SamplingParams, sample
 from .tokenizer import StepDetector, Tokenizer
 
 FINISH_REASONS = ("step", "stop", "eos", "length")
+STOP_ALL = -1  # next_step's answer that ends every branch at once (the others' unfinished steps are dropped)
 
 
 @dataclasses.dataclass
@@ -52,8 +53,9 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
     leaves branch b alone (no tokens, finish "", nothing fed).
     next_step(b, step): called as branch b ends a step (any finish, text decoded); when the step ended at its
     delimiter or token limit and next_step returns n > 0, branch b goes straight on with a new step of at
-    most n tokens in the same batch, without waiting for the other branches. Each step is handed over
-    through it; the returned list then holds each branch's last step.
+    most n tokens in the same batch, without waiting for the other branches; STOP_ALL ends every branch now
+    (those cut mid-step keep finish ""). Each finished step is handed over through it; the returned list
+    then holds each branch's last step, finished or cut.
     """
     branches = cache.branches
     limits = np.broadcast_to(np.asarray(max_tokens, np.int64), (branches,))  # [branches]
@@ -91,6 +93,7 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
         row_rng = rng if rngs is None else [rngs[b] for b in live]
         tokens, logprobs = sample(logits=row_logits, params=params, rng=row_rng, history=row_history)
         # 2. Record it and check this branch's stops, in order of precedence.
+        stop_all = False
         for b, tok, lp in zip(live, tokens.tolist(), logprobs.tolist(), strict=True):
             out = outs[b]
             out.tokens.append(tok)
@@ -111,6 +114,9 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
             if out.finish and next_step is not None:
                 out.text = tokenizer.decode(out.tokens)
                 more = next_step(b, out)
+                if more == STOP_ALL:
+                    stop_all = True
+                    break
                 if more > 0 and out.finish in ("step", "length"):  # the next step starts in this batch
                     outs[b] = BranchOutput(tokens=[], logprobs=[], finish="")
                     steps[b] = StepDetector(tokenizer=tokenizer, delimiter=model.generation.step_delimiter)
@@ -118,7 +124,7 @@ def decode(*, model: RoleModel, tokenizer: Tokenizer, cache: KVCache, logits: np
                     continue
             if out.finish:
                 is_running[b] = False
-        n_running = sum(is_running)
+        n_running = 0 if stop_all else sum(is_running)
         if not n_running:
             break
         if evict_finished and 2 * n_running <= cache.branches:

@@ -99,6 +99,16 @@ def test_eval_lookahead_sweep_accounting_and_by_length(builtin_bundle: Path, tmp
     assert res.returncode != 0 and "must be an integer >= 0" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_eval_stop_after_rows(builtin_bundle: Path, problems: Path) -> None:
+    res = run("eval", "--bundle", str(builtin_bundle), "--problems", str(problems), "--limit", "2", "--strategy",
+              "speculator", "best_of_n", "--stop-after", "0", "1", "--baseline", "speculator", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["strategies"]
+    assert set(rows) == {"speculator", "best_of_n", "best_of_n(stop_after=1)"}
+    assert rows["best_of_n(stop_after=1)"]["config"]["search"]["stop_after"] == 1
+    assert rows["best_of_n"]["config"]["search"]["stop_after"] == 0
+
+
 def test_bad_inputs_give_one_line(builtin_bundle: Path, problems: Path, tmp_path: Path) -> None:
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"id": 1, "question": "1+1", "answer": "2"}\n{"id": 2, "question": "3+4"\n')

@@ -60,9 +60,11 @@ def test_completions_and_options(client: openai.OpenAI, builtin_bundle: Path) ->
     # A completion continues the raw prompt (no chat template); without the "Q: " prompt the built-in pair writes
     # until the budget, so both runs get the same one.
     alone = Reasoner(builtin_bundle).run(Prompt.text("76-24*4"), make_config(
-        strategy="best_of_n", preset="efficient", seed=2, **{"search.n_specs": 3, "limits.max_tokens": 64}))
+        strategy="best_of_n", preset="efficient", seed=2,
+        **{"search.n_specs": 3, "search.stop_after": 2, "limits.max_tokens": 64}))
     out = client.completions.create(model="specreason", prompt="76-24*4", seed=2, max_tokens=64,
-                                    extra_body={"strategy": "best_of_n", "preset": "efficient", "n_specs": 3})
+                                    extra_body={"strategy": "best_of_n", "preset": "efficient", "n_specs": 3,
+                                                "stop_after": 2})
     assert out.choices[0].text == alone.text
     assert (out.model_extra or {})["specreason"]["strategy"] == "best_of_n"
 
@@ -145,6 +147,7 @@ BAD = {
     "threshold out of range": ({**CHAT, "threshold": 11}, 400, None),
     "negative temperature": ({**CHAT, "temperature": -1}, 400, None),
     "zero n_specs": ({**CHAT, "n_specs": 0}, 400, None),
+    "stop_after past n_specs": ({**CHAT, "strategy": "best_of_n", "n_specs": 2, "stop_after": 3}, 400, None),
     "too many branches": ({**CHAT, "strategy": "best_of_n", "n_specs": 9}, 400, None),
     "max_tokens over the limit": ({**CHAT, "max_tokens": 129}, 400, None),
     "n > 1": ({**CHAT, "n": 3}, 400, None),

@@ -312,3 +312,27 @@ def test_best_of_n_decodes_no_longer_than_its_longest_trajectory(reasoner: Reaso
     for seed, q in enumerate(QUESTIONS):
         result = reasoner.run(q, cfg("best_of_n", seed, **{"speculator.temperature": 1.5}))
         assert result.forwards["speculator"] == max(c.tokens for c in result.candidates)
+
+
+def test_best_of_n_stop_after_keeps_the_first_trajectories_to_finish(reasoner: Reasoner) -> None:
+    """search.stop_after = m: the batch stops when m trajectories have finished; they are the m shortest of
+    the run that waits for all (same seed, same draws up to that point), and the winner is one of them."""
+    n, m = 6, 2
+    for seed, q in enumerate(QUESTIONS):
+        over = {"speculator.temperature": 1.5, "search.n_specs": n}
+        full = reasoner.run(q, cfg("best_of_n", seed, **over))
+        short = reasoner.run(q, cfg("best_of_n", seed, **over, **{"search.stop_after": m}))
+        assert len(short.candidates) == m and short.details == {"sampled": n, "stopped": n - m}
+        assert sorted(c.tokens for c in short.candidates) == sorted(c.tokens for c in full.candidates)[:m]
+        assert {c.text for c in short.candidates} <= {c.text for c in full.candidates}
+        assert short.forwards["speculator"] == max(c.tokens for c in short.candidates)
+        assert short.text == next(c.text for c in short.candidates if c.accepted)
+        # the stopped trajectories' partial steps count as speculator tokens: they were generated
+        assert short.tokens["speculator"] > sum(c.tokens for c in short.candidates)
+    all_of_them = reasoner.run(QUESTIONS[0], cfg("best_of_n", 0, **{"search.stop_after": 4}))
+    assert len(all_of_them.candidates) == 4 and all_of_them.details["stopped"] == 0
+
+
+def test_best_of_n_stop_after_past_n_specs_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"stop_after must be an integer in \[0, n_specs=4\]"):
+        cfg("best_of_n", 0, **{"search.stop_after": 5})

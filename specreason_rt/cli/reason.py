@@ -199,6 +199,11 @@ def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonCo
                         **({"stepwise.overlap": o} if o is not None else {})}
                 name = f"stepwise({','.join(parts)})" if parts else "stepwise"
                 configs[name] = make_config(strategy=strategy, preset=args.preset, **over)
+        elif strategy == "best_of_n" and args.stop_after:
+            for m in args.stop_after:
+                name = f"best_of_n(stop_after={m})" if m else "best_of_n"
+                configs[name] = make_config(strategy=strategy, preset=args.preset,
+                                            **{**base, "search.stop_after": m})
         else:
             configs[strategy] = make_config(strategy=strategy, preset=args.preset, **base)
     return configs
@@ -320,6 +325,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="stepwise: pipeline the speculator's next chain with the verifier's scoring where each "
                          "model has a core (on), run the models in turn (off), or a row each (both); the output "
                          "is the same; default: the config's stepwise.overlap (true)")
+    ev.add_argument("--stop-after", type=int, nargs="+", metavar="M",
+                    help="run best_of_n once per M: stop sampling once M trajectories have finished and choose "
+                         "among them (0: wait for all n_specs), e.g. --stop-after 0 2")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N problems")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
     ev.add_argument("--plot", metavar="FILE.png", help="write accuracy vs latency per strategy as a PNG")

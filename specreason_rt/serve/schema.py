@@ -4,7 +4,7 @@ Standard fields: model, messages (chat: system, developer, user, assistant and t
 bundle's chat template; the last user turn is the problem) or prompt (completions: raw text, continued as is),
 max_tokens (max_completion_tokens), temperature, top_p, seed, stream, stream_options.include_usage, n (1 only),
 stop, user. SpecReason options travel as extra body fields (the openai client's `extra_body`): strategy, preset,
-n_specs, threshold, score_mode, candidates, max_depth, beam_width, tree_depth, trace.
+n_specs, stop_after, threshold, score_mode, candidates, max_depth, beam_width, tree_depth, trace.
 
 Standard OpenAI fields this server cannot honour (IGNORED: presence_penalty, logprobs, tools, ...) and unknown
 fields are ignored, as vLLM does (refusing them breaks clients built for OpenAI): the server logs a warning and
@@ -141,6 +141,7 @@ class _Common(_Lenient):
     strategy: Strategy | None = None
     preset: Preset | None = None
     n_specs: int | None = Field(default=None, ge=1)
+    stop_after: int | None = Field(default=None, ge=0)
     threshold: float | None = Field(default=None, ge=0, le=10)
     score_mode: ScoreMode | None = None
     candidates: int | None = Field(default=None, ge=1)
@@ -209,7 +210,8 @@ class _Common(_Lenient):
         strategy = self.strategy or defaults.strategy
         sampler = "verifier" if strategy == "verifier" else "speculator"
         fields: dict[str, tuple[str, Any]] = {
-            "n_specs": ("search.n_specs", self.n_specs), "max_depth": ("search.max_depth", self.max_depth),
+            "n_specs": ("search.n_specs", self.n_specs), "stop_after": ("search.stop_after", self.stop_after),
+            "max_depth": ("search.max_depth", self.max_depth),
             "beam_width": ("search.beam_width", self.beam_width), "tree_depth": ("search.tree_depth", self.tree_depth),
             "threshold": ("stepwise.threshold", self.threshold), "candidates": ("stepwise.candidates", self.candidates),
             "score_mode": ("score.mode", self.score_mode), "temperature": (f"{sampler}.temperature", self.temperature),

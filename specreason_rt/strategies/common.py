@@ -17,7 +17,7 @@ from ..bundle import Bundle
 from ..cancel import CancelToken
 from ..config import ReasonConfig
 from ..context import Context
-from ..decode import BranchOutput
+from ..decode import STOP_ALL, BranchOutput
 from ..errors import CacheLimitError
 from ..prompt import Prompt
 from ..sampling import SamplingParams
@@ -149,7 +149,8 @@ class StepStream:
 
 
 def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajectory],
-                        max_steps: int | None, phase: str = "speculate", stream: bool = False) -> list[Trajectory]:
+                        max_steps: int | None, phase: str = "speculate", stream: bool = False,
+                        enough: int | None = None) -> list[Trajectory]:
     """Continue trajectory i on context branch i, step after step, until each one finishes.
 
     The branches decode as one batch but never wait for each other at step ends: a branch that ends a step
@@ -157,6 +158,8 @@ def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajec
     longest branch's, and best-of-4 ran 1.4-1.6x the forwards its longest trajectory needs.) Finished
     trajectories leave the batch as they go, so later forwards run on fewer branches; the context is spent
     afterwards (it holds no branches).
+    enough: once this many of the trajectories have finished, the others stop where they are (finish
+    "stopped"; their unfinished step is dropped).
     """
     rows = [i for i, t in enumerate(trajs) if not t.finish]  # context branch j continues trajectory rows[j]
     if not rows:
@@ -167,6 +170,7 @@ def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajec
     # step by step through run.on_token / run.on_step instead of at the end.
     live = stream and len(trajs) == 1
     step_stream = [StepStream(run, index=len(trajs[0].steps), role=role) if live and run.on_token else None]
+    finished = [len(trajs) - len(rows)]
 
     def on_token(branch: int, token: int) -> None:
         if step_stream[0] is not None:
@@ -182,7 +186,8 @@ def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajec
             run.on_step(StepTrace(index=len(traj.steps) - 1, author=role, text=out.text, tokens=len(out.tokens)))
         traj.finish = run.finish_after_step(traj=traj, out_finish=out.finish, max_steps=max_steps)
         if traj.finish:
-            return 0
+            finished[0] += 1
+            return STOP_ALL if enough is not None and finished[0] >= enough else 0
         if run.cancel is not None:
             run.cancel.check()  # between steps, as when each step was its own decode call
         if step_stream[0] is not None:
@@ -190,9 +195,13 @@ def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajec
         return run.step_budget(traj.tokens)
 
     with run.timer.phase(phase):
-        ctx.decode_to_end(params=run.params[role], rng=run.rng[role], next_step=next_step,
-                          max_tokens=[run.step_budget(trajs[i].tokens) for i in rows],
-                          on_token=on_token if step_stream[0] is not None else None)
+        last = ctx.decode_to_end(params=run.params[role], rng=run.rng[role], next_step=next_step,
+                                 max_tokens=[run.step_budget(trajs[i].tokens) for i in rows],
+                                 on_token=on_token if step_stream[0] is not None else None)
+    for i, out in zip(rows, last, strict=True):
+        if not trajs[i].finish:  # stopped by `enough`: its unfinished step was generated, then dropped
+            trajs[i].finish = "stopped"
+            run.tokens[role] += len(out.tokens)
     return trajs
 
 

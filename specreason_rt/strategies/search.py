@@ -2,7 +2,10 @@
 
 best_of_n  The speculator samples n_specs trajectories from one prefilled prompt (forked, one batch, up to
            max_depth steps); the verifier scores every trajectory in one batched pass; the combined score
-           (scoring.combine: local confidence, consistency, verifier quality) picks the winner.
+           (scoring.combine: local confidence, consistency, verifier quality) picks the winner. With
+           search.stop_after = m, sampling stops as soon as m trajectories have finished and the winner is
+           chosen among those m (the "short-m@k" of Hassid et al. 2025, arXiv 2505.17813): the batch no
+           longer decodes until its longest sample ends, at the price of favouring short solutions.
 tree       Each level forks every kept node into beam_width children, decodes one step for all of them in one
            batch, scores the new steps with the verifier in one pass, and keeps the best beam_width unfinished
            nodes (both caches gathered, never recomputed). Finished children become leaves. After tree_depth
@@ -40,18 +43,21 @@ def run_best_of_n(run: Run) -> RunResult:
     spec = run.context("speculator")
     if n > 1:
         spec.gather([0] * n)  # fork the prefilled prompt: no recompute
-    trajs = sample_trajectories(run, spec, role="speculator", trajs=[Trajectory() for _ in range(n)],
-                                max_steps=run.config.search.max_depth)
+    enough = run.config.search.stop_after or None
+    sampled = sample_trajectories(run, spec, role="speculator", trajs=[Trajectory() for _ in range(n)],
+                                  max_steps=run.config.search.max_depth, enough=enough)
+    trajs = [t for t in sampled if t.finish != "stopped"]
     ver = run.context("verifier")
-    if n > 1:
-        ver.gather([0] * n)
+    if len(trajs) > 1:
+        ver.gather([0] * len(trajs))
     with run.timer.phase("verify"):
         spans = [[run.convert(s, src="speculator", dst="verifier") for s in t.steps] for t in trajs]
         quality = run.scorer.score_trajectories(ver, spans)
     with run.timer.phase("select"):
         best, candidates = _select(run, trajs, quality)
     return run.result(strategy="best_of_n", traj=trajs[best], steps=trajectory_steps(trajs[best], author="speculator"),
-                      seconds=time.perf_counter() - start, candidates=candidates)
+                      seconds=time.perf_counter() - start, candidates=candidates,
+                      details={"sampled": n, "stopped": n - len(trajs)})
 
 
 def _node_score(run: Run, traj: Trajectory) -> float:
