@@ -66,12 +66,17 @@ class SearchConfig:
     # best_of_n: stop sampling once this many trajectories have finished and choose among them (0: wait for
     # all n_specs). Cuts the wait for the longest sample; see strategies/search.py.
     stop_after: int = 0
+    # best_of_n: the verifier reads each trajectory's steps in a second thread as the speculator writes them,
+    # where each model has a core of its own (Bundle.own_cores); elsewhere it reads them all after sampling.
+    # The same scores either way (on by default, like stepwise.overlap).
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         for name, most in (("n_specs", MAX_BRANCHES), ("max_depth", MAX_DEPTH),
                            ("beam_width", math.isqrt(MAX_BRANCHES)), ("tree_depth", MAX_DEPTH)):
             value = getattr(self, name)
             _check(_is_int(value) and 1 <= value <= most, f"{name} must be an integer in [1, {most}], got {value!r}")
+        _check(isinstance(self.overlap, bool), f"overlap must be true or false, got {self.overlap!r}")
         _check(_is_int(self.stop_after) and 0 <= self.stop_after <= self.n_specs,
                f"stop_after must be an integer in [0, n_specs={self.n_specs}] (0: wait for every trajectory), "
                f"got {self.stop_after!r}")

@@ -140,22 +140,49 @@ class StepScorer:
 
     def score_trajectories(self, ctx: Context, steps: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
         """Append each branch's whole trajectory (its steps) in one batched pass; quality 0-9 per branch."""
-        spans = [[t for step in branch for t in step] for branch in steps]
-        if any(len(s) == 0 for s in spans):
+        if any(not any(branch) for branch in steps):
             raise ConfigError("a trajectory to score is empty")
-        rows, logps, heads = self._append_scored(ctx, spans)
-        if self.config.mode == "judge":
-            return self._judge(ctx, rows)
-        out = np.zeros(len(spans))
+        scores = TrajectoryScores(scorer=self, ctx=ctx)
+        scores.append(steps)
+        return scores.quality()
+
+
+class TrajectoryScores:
+    """Whole-trajectory quality, read as steps arrive: `append` puts new steps into verifier branch b (one
+    batched pass per call, so a worker thread can verify the steps written so far while the speculator
+    writes the next ones), `quality` reads the score once every step is in. Same numbers as one pass over
+    each whole trajectory: likelihood and head score each step from its own tokens, judge reads its prompt
+    after the last step."""
+
+    def __init__(self, *, scorer: StepScorer, ctx: Context) -> None:
+        self.scorer, self.ctx = scorer, ctx
+        self.steps: list[list[float]] = [[] for _ in range(ctx.branches)]  # per branch: each scored step's score
+
+    def append(self, steps: Sequence[Sequence[Sequence[int]]]) -> None:
+        """steps[b]: the new steps of branch b (verifier tokens; none for a branch with nothing new)."""
+        spans = [[t for step in branch for t in step] for branch in steps]
+        if not any(spans):
+            return
+        _, logps, heads = self.scorer._append_scored(self.ctx, spans)
+        mode = self.scorer.config.mode
         for b, branch in enumerate(steps):
-            ends = np.cumsum([len(s) for s in branch])  # step b ends after token ends[i] - 1
-            starts = ends - np.array([len(s) for s in branch])
-            if self.config.mode == "head":
-                per_step = [SCALE_MAX * float(heads[b][e - 1]) for e in ends if e > 0]
-            else:
-                per_step = [self._from_logprobs(logps[b][s:e]) for s, e in zip(starts, ends, strict=True) if e > s]
-            out[b] = min(per_step)
-        return out
+            at = 0
+            for step in branch:
+                if step and mode == "head":
+                    self.steps[b].append(SCALE_MAX * float(heads[b][at + len(step) - 1]))
+                elif step and mode == "likelihood":
+                    self.steps[b].append(self.scorer._from_logprobs(logps[b][at:at + len(step)]))
+                at += len(step)
+
+    def quality(self, keep: Sequence[int] | None = None) -> np.ndarray:
+        """Quality 0-9 of branches `keep` (all by default; the context keeps only those): the weakest step's
+        score, or the judge's score after the whole trajectory."""
+        rows = list(range(self.ctx.branches)) if keep is None else list(keep)
+        if len(rows) != self.ctx.branches:
+            self.ctx.gather(rows)
+        if self.scorer.config.mode == "judge":
+            return self.scorer._judge(self.ctx, [self.ctx.logits[b][None] for b in range(self.ctx.branches)])
+        return np.array([min(self.steps[b], default=0.0) for b in rows])  # nothing to score: 0
 
 
 @dataclass

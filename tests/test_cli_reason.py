@@ -101,12 +101,15 @@ def test_eval_lookahead_sweep_accounting_and_by_length(builtin_bundle: Path, tmp
 
 def test_eval_stop_after_rows(builtin_bundle: Path, problems: Path) -> None:
     res = run("eval", "--bundle", str(builtin_bundle), "--problems", str(problems), "--limit", "2", "--strategy",
-              "speculator", "best_of_n", "--stop-after", "0", "1", "--baseline", "speculator", "--json")
+              "speculator", "best_of_n", "--stop-after", "0", "1", "--overlap", "both", "--baseline", "speculator",
+              "--json")
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)["strategies"]
-    assert set(rows) == {"speculator", "best_of_n", "best_of_n(stop_after=1)"}
-    assert rows["best_of_n(stop_after=1)"]["config"]["search"]["stop_after"] == 1
-    assert rows["best_of_n"]["config"]["search"]["stop_after"] == 0
+    assert set(rows) == {"speculator", "best_of_n(sequential)", "best_of_n(overlap)",
+                         "best_of_n(stop_after=1,sequential)", "best_of_n(stop_after=1,overlap)"}
+    one = rows["best_of_n(stop_after=1,overlap)"]["config"]["search"]
+    assert one["stop_after"] == 1 and one["overlap"] is True
+    assert rows["best_of_n(sequential)"]["config"]["search"] == {**one, "stop_after": 0, "overlap": False}
 
 
 def test_bad_inputs_give_one_line(builtin_bundle: Path, problems: Path, tmp_path: Path) -> None:

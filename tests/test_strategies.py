@@ -322,7 +322,7 @@ def test_best_of_n_stop_after_keeps_the_first_trajectories_to_finish(reasoner: R
         over = {"speculator.temperature": 1.5, "search.n_specs": n}
         full = reasoner.run(q, cfg("best_of_n", seed, **over))
         short = reasoner.run(q, cfg("best_of_n", seed, **over, **{"search.stop_after": m}))
-        assert len(short.candidates) == m and short.details == {"sampled": n, "stopped": n - m}
+        assert len(short.candidates) == m and (short.details["sampled"], short.details["stopped"]) == (n, n - m)
         assert sorted(c.tokens for c in short.candidates) == sorted(c.tokens for c in full.candidates)[:m]
         assert {c.text for c in short.candidates} <= {c.text for c in full.candidates}
         assert short.forwards["speculator"] == max(c.tokens for c in short.candidates)
@@ -336,3 +336,23 @@ def test_best_of_n_stop_after_keeps_the_first_trajectories_to_finish(reasoner: R
 def test_best_of_n_stop_after_past_n_specs_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"stop_after must be an integer in \[0, n_specs=4\]"):
         cfg("best_of_n", 0, **{"search.stop_after": 5})
+
+
+@pytest.mark.parametrize("mode", ["likelihood", "head", "judge"])
+@pytest.mark.parametrize("stop_after", [0, 2])
+def test_best_of_n_overlap_reads_the_same_scores(reasoner: Reasoner, mode: str, stop_after: int) -> None:
+    """search.overlap: the verifier reads each step in a second thread as the speculator writes it; the
+    trajectories, their scores and the winner are those of reading them all after sampling."""
+    from specreason_rt.backends.base import usable_cores
+
+    if usable_cores() < 2 or not reasoner.bundle.own_cores():
+        pytest.skip("overlap needs a CPU core per model")
+    for seed, q in enumerate(QUESTIONS[:3]):
+        over = {"speculator.temperature": 1.5, "score.mode": mode, "search.stop_after": stop_after}
+        runs = [reasoner.run(q, cfg("best_of_n", seed, **over, **{"search.overlap": o})) for o in (False, True)]
+        assert [r.details["overlap"] for r in runs] == [False, True]
+        turns, overlapped = runs
+        assert [c.text for c in overlapped.candidates] == [c.text for c in turns.candidates]
+        assert [c.score for c in overlapped.candidates] == pytest.approx([c.score for c in turns.candidates],
+                                                                         abs=2e-3)
+        assert overlapped.text == turns.text

@@ -199,11 +199,14 @@ def _sweep(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, ReasonCo
                         **({"stepwise.overlap": o} if o is not None else {})}
                 name = f"stepwise({','.join(parts)})" if parts else "stepwise"
                 configs[name] = make_config(strategy=strategy, preset=args.preset, **over)
-        elif strategy == "best_of_n" and args.stop_after:
-            for m in args.stop_after:
-                name = f"best_of_n(stop_after={m})" if m else "best_of_n"
-                configs[name] = make_config(strategy=strategy, preset=args.preset,
-                                            **{**base, "search.stop_after": m})
+        elif strategy == "best_of_n" and (args.stop_after or args.overlap):
+            # One row per (stop_after, overlap); an axis not given keeps the configured value.
+            for m, o in itertools.product(args.stop_after or [None], overlaps):
+                parts = ([f"stop_after={m}"] if m else []) + ([] if o is None else ["overlap" if o else "sequential"])
+                over = {**base, **({"search.stop_after": m} if m is not None else {}),
+                        **({"search.overlap": o} if o is not None else {})}
+                name = f"best_of_n({','.join(parts)})" if parts else "best_of_n"
+                configs[name] = make_config(strategy=strategy, preset=args.preset, **over)
         else:
             configs[strategy] = make_config(strategy=strategy, preset=args.preset, **base)
     return configs
@@ -322,9 +325,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          "acceptance rate (on), draft L steps every round (off), or a row each (both); default: "
                          "the config's stepwise.adaptive_lookahead (true)")
     ev.add_argument("--overlap", choices=["off", "on", "both"], default=None,
-                    help="stepwise: pipeline the speculator's next chain with the verifier's scoring where each "
-                         "model has a core (on), run the models in turn (off), or a row each (both); the output "
-                         "is the same; default: the config's stepwise.overlap (true)")
+                    help="stepwise: pipeline the speculator's next chain with the verifier's scoring; best_of_n: "
+                         "the verifier reads each step as the speculator writes it; where each model has a core "
+                         "(on), the models in turn (off), or a row each (both); the output is the same; default: "
+                         "the config's stepwise.overlap / search.overlap (true)")
     ev.add_argument("--stop-after", type=int, nargs="+", metavar="M",
                     help="run best_of_n once per M: stop sampling once M trajectories have finished and choose "
                          "among them (0: wait for all n_specs), e.g. --stop-after 0 2")

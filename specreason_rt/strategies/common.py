@@ -150,7 +150,8 @@ class StepStream:
 
 def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajectory],
                         max_steps: int | None, phase: str = "speculate", stream: bool = False,
-                        enough: int | None = None) -> list[Trajectory]:
+                        enough: int | None = None, on_step: Callable[[int, Trajectory], None] | None = None,
+                        ) -> list[Trajectory]:
     """Continue trajectory i on context branch i, step after step, until each one finishes.
 
     The branches decode as one batch but never wait for each other at step ends: a branch that ends a step
@@ -160,6 +161,7 @@ def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajec
     afterwards (it holds no branches).
     enough: once this many of the trajectories have finished, the others stop where they are (finish
     "stopped"; their unfinished step is dropped).
+    on_step(i, trajectory i) as each step joins it (from this thread, inside the decode loop: keep it short).
     """
     rows = [i for i, t in enumerate(trajs) if not t.finish]  # context branch j continues trajectory rows[j]
     if not rows:
@@ -182,6 +184,8 @@ def sample_trajectories(run: Run, ctx: Context, *, role: str, trajs: list[Trajec
         traj.texts.append(out.text)
         traj.logprobs.extend(out.logprobs)
         run.tokens[role] += len(out.tokens)
+        if on_step is not None:
+            on_step(rows[j], traj)
         if live and run.on_step is not None:
             run.on_step(StepTrace(index=len(traj.steps) - 1, author=role, text=out.text, tokens=len(out.tokens)))
         traj.finish = run.finish_after_step(traj=traj, out_finish=out.finish, max_steps=max_steps)

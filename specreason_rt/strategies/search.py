@@ -14,12 +14,14 @@ tree       Each level forks every kept node into beam_width children, decodes on
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from ..answers import extract_answer
-from ..scoring import combine, consistency, local_confidence
+from ..scoring import TrajectoryScores, combine, consistency, local_confidence
 from ..trace import Candidate, RunResult
 from .common import Run, Trajectory, sample_trajectories, trajectory_steps
 
@@ -37,27 +39,90 @@ def _select(run: Run, trajs: list[Trajectory], quality: np.ndarray) -> tuple[int
     return best, candidates
 
 
+class _StepFeed:
+    """best_of_n's overlap: hands each step the speculator writes to the verifier's worker thread.
+
+    Steps queue up here; a drain job on the one-worker pool appends everything queued in one batched pass
+    (TrajectoryScores.append). A new job is submitted only when none is waiting, so a verifier slower than the
+    speculator reads several steps per pass instead of falling further behind one step at a time.
+    """
+
+    def __init__(self, *, run: Run, pool: ThreadPoolExecutor, n: int) -> None:
+        self.run, self.pool, self.n = run, pool, n
+        self.scores: Future[TrajectoryScores] = pool.submit(self._prefill)  # while the speculator starts
+        self.lock = threading.Lock()
+        self.queued: list[tuple[int, list[int]]] = []  # (trajectory, its new step in speculator tokens)
+        self.waiting = False  # a drain job is submitted and has not started
+        self.jobs: list[Future[None]] = []
+
+    def _prefill(self) -> TrajectoryScores:
+        ver = self.run.context("verifier")
+        if self.n > 1:
+            ver.gather([0] * self.n)
+        return TrajectoryScores(scorer=self.run.scorer, ctx=ver)
+
+    def push(self, i: int, traj: Trajectory) -> None:
+        with self.lock:
+            self.queued.append((i, traj.steps[-1]))
+            if self.waiting:
+                return
+            self.waiting = True
+        self.jobs.append(self.pool.submit(self._drain))
+
+    def _drain(self) -> None:
+        with self.lock:
+            taken, self.queued, self.waiting = self.queued, [], False
+        steps: list[list[list[int]]] = [[] for _ in range(self.n)]
+        for i, step in taken:
+            steps[i].append(self.run.convert(step, src="speculator", dst="verifier"))
+        with self.run.timer.phase("verify"):
+            self.scores.result().append(steps)
+
+    def finish(self) -> TrajectoryScores:
+        """Wait for the worker to read every step (raising what it raised); then the scores are this thread's."""
+        scores = self.scores.result()
+        for job in self.jobs:
+            job.result()
+        return scores
+
+
 def run_best_of_n(run: Run) -> RunResult:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="specreason-verify") as pool:
+        return _best_of_n(run, pool)
+
+
+def _best_of_n(run: Run, pool: ThreadPoolExecutor) -> RunResult:
     start = time.perf_counter()
-    n = run.config.search.n_specs
+    search = run.config.search
+    n = search.n_specs
+    scorer = run.scorer  # built here, not lazily inside the worker thread
     spec = run.context("speculator")
     if n > 1:
         spec.gather([0] * n)  # fork the prefilled prompt: no recompute
-    enough = run.config.search.stop_after or None
-    sampled = sample_trajectories(run, spec, role="speculator", trajs=[Trajectory() for _ in range(n)],
-                                  max_steps=run.config.search.max_depth, enough=enough)
-    trajs = [t for t in sampled if t.finish != "stopped"]
-    ver = run.context("verifier")
-    if len(trajs) > 1:
-        ver.gather([0] * len(trajs))
+    # Overlap where each model has a core: the verifier prefills and reads steps while the speculator writes.
+    feed = _StepFeed(run=run, pool=pool, n=n) if search.overlap and run.bundle.own_cores() else None
+    try:
+        sampled = sample_trajectories(run, spec, role="speculator", trajs=[Trajectory() for _ in range(n)],
+                                      max_steps=search.max_depth, enough=search.stop_after or None,
+                                      on_step=feed.push if feed else None)
+    finally:
+        scores = feed.finish() if feed else None  # never leave the worker running on its own
+    keep = [i for i, t in enumerate(sampled) if t.finish != "stopped"]
+    trajs = [sampled[i] for i in keep]
+    if scores is None:  # the models in turn: the verifier reads every kept trajectory in one batched pass
+        ver = run.context("verifier")
+        if len(trajs) > 1:
+            ver.gather([0] * len(trajs))
+        scores, keep = TrajectoryScores(scorer=scorer, ctx=ver), list(range(len(trajs)))
+        with run.timer.phase("verify"):
+            scores.append([[run.convert(s, src="speculator", dst="verifier") for s in t.steps] for t in trajs])
     with run.timer.phase("verify"):
-        spans = [[run.convert(s, src="speculator", dst="verifier") for s in t.steps] for t in trajs]
-        quality = run.scorer.score_trajectories(ver, spans)
+        quality = scores.quality(keep)
     with run.timer.phase("select"):
         best, candidates = _select(run, trajs, quality)
     return run.result(strategy="best_of_n", traj=trajs[best], steps=trajectory_steps(trajs[best], author="speculator"),
                       seconds=time.perf_counter() - start, candidates=candidates,
-                      details={"sampled": n, "stopped": n - len(trajs)})
+                      details={"sampled": n, "stopped": n - len(trajs), "overlap": feed is not None})
 
 
 def _node_score(run: Run, traj: Trajectory) -> float:
