@@ -67,8 +67,9 @@ class SearchConfig:
     # all n_specs). Cuts the wait for the longest sample; see strategies/search.py.
     stop_after: int = 0
     # best_of_n: the verifier reads each trajectory's steps in a second thread as the speculator writes them,
-    # where each model has a core of its own (Bundle.own_cores); elsewhere it reads them all after sampling.
-    # The same scores either way (on by default, like stepwise.overlap).
+    # where each model has a core of its own (Bundle.own_cores) and the speculator is not tiny (see
+    # strategies/search.py, _overlaps); elsewhere it reads them all after sampling. The same scores either way
+    # (on by default, like stepwise.overlap).
     overlap: bool = True
 
     def __post_init__(self) -> None:

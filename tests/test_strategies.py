@@ -340,13 +340,18 @@ def test_best_of_n_stop_after_past_n_specs_is_refused() -> None:
 
 @pytest.mark.parametrize("mode", ["likelihood", "head", "judge"])
 @pytest.mark.parametrize("stop_after", [0, 2])
-def test_best_of_n_overlap_reads_the_same_scores(reasoner: Reasoner, mode: str, stop_after: int) -> None:
+def test_best_of_n_overlap_reads_the_same_scores(reasoner: Reasoner, mode: str, stop_after: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """search.overlap: the verifier reads each step in a second thread as the speculator writes it; the
     trajectories, their scores and the winner are those of reading them all after sampling."""
     from specreason_rt.backends.base import usable_cores
+    from specreason_rt.strategies import search
 
     if usable_cores() < 2 or not reasoner.bundle.own_cores():
         pytest.skip("overlap needs a CPU core per model")
+    # The built-in speculator is below the size where overlap pays, so it runs sequentially by default.
+    assert not reasoner.run(QUESTIONS[0], cfg("best_of_n")).details["overlap"]
+    monkeypatch.setattr(search, "SMALL_MODEL_PARAMETERS", 0)
     for seed, q in enumerate(QUESTIONS[:3]):
         over = {"speculator.temperature": 1.5, "score.mode": mode, "search.stop_after": stop_after}
         runs = [reasoner.run(q, cfg("best_of_n", seed, **over, **{"search.overlap": o})) for o in (False, True)]

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..answers import extract_answer
+from ..model import SMALL_MODEL_PARAMETERS
 from ..scoring import TrajectoryScores, combine, consistency, local_confidence
 from ..trace import Candidate, RunResult
 from .common import Run, Trajectory, sample_trajectories, trajectory_steps
@@ -44,7 +45,8 @@ class _StepFeed:
 
     Steps queue up here; a drain job on the one-worker pool appends everything queued in one batched pass
     (TrajectoryScores.append). A new job is submitted only when none is waiting, so a verifier slower than the
-    speculator reads several steps per pass instead of falling further behind one step at a time.
+    speculator reads several steps per pass instead of falling further behind one step at a time. So how many
+    verifier forwards a run takes depends on timing (the scores and the output do not).
     """
 
     def __init__(self, *, run: Run, pool: ThreadPoolExecutor, n: int) -> None:
@@ -86,6 +88,16 @@ class _StepFeed:
         return scores
 
 
+def _overlaps(run: Run) -> bool:
+    """search.overlap where it pays: each model has a CPU core of its own, and the speculator is big enough
+    (SMALL_MODEL_PARAMETERS) that its model, not the Python decode loop, sets the time of a step. Below that
+    the verifier thread's Python holds the interpreter lock the decode loop waits for: on the built-in pair
+    overlap slowed the decode from 18.9 to 26.9 ms per problem, no gain with all four trajectories and 16%
+    slower with stop_after 2, where SmolLM2 gained 1.17-1.29x (BENCHMARKS.md)."""
+    big = run.bundle.models["speculator"].arch.parameters >= SMALL_MODEL_PARAMETERS
+    return run.config.search.overlap and big and run.bundle.own_cores()
+
+
 def run_best_of_n(run: Run) -> RunResult:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="specreason-verify") as pool:
         return _best_of_n(run, pool)
@@ -99,8 +111,7 @@ def _best_of_n(run: Run, pool: ThreadPoolExecutor) -> RunResult:
     spec = run.context("speculator")
     if n > 1:
         spec.gather([0] * n)  # fork the prefilled prompt: no recompute
-    # Overlap where each model has a core: the verifier prefills and reads steps while the speculator writes.
-    feed = _StepFeed(run=run, pool=pool, n=n) if search.overlap and run.bundle.own_cores() else None
+    feed = _StepFeed(run=run, pool=pool, n=n) if _overlaps(run) else None
     try:
         sampled = sample_trajectories(run, spec, role="speculator", trajs=[Trajectory() for _ in range(n)],
                                       max_steps=search.max_depth, enough=search.stop_after or None,
