@@ -5,7 +5,9 @@ best_of_n  The speculator samples n_specs trajectories from one prefilled prompt
            (scoring.combine: local confidence, consistency, verifier quality) picks the winner. With
            search.stop_after = m, sampling stops as soon as m trajectories have finished and the winner is
            chosen among those m (the "short-m@k" of Hassid et al. 2025, arXiv 2505.17813): the batch no
-           longer decodes until its longest sample ends, at the price of favouring short solutions.
+           longer decodes until its longest sample ends, at the price of favouring short solutions. With
+           search.overlap (where it pays, see _overlaps) the verifier reads each step in a worker thread as
+           the speculator writes it instead of all at the end: the same scores, earlier.
 tree       Each level forks every kept node into beam_width children, decodes one step for all of them in one
            batch, scores the new steps with the verifier in one pass, and keeps the best beam_width unfinished
            nodes (both caches gathered, never recomputed). Finished children become leaves. After tree_depth
