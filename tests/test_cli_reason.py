@@ -163,6 +163,8 @@ def test_run_prints_the_solution_an_answer_line_and_a_plain_summary(builtin_bund
                         r"verifier without a draft; \d+\.\d ms\n", res.stderr), res.stderr
     res = run("run", "--bundle", b, "--strategy", "best_of_n", "--preset", "efficient", "37+45*3")
     assert "best_of_n: 3 steps: the best of 2 speculator trajectories, scored by the verifier;" in res.stderr
+    res = run("run", "--bundle", b, "--strategy", "best_of_n", "--set", "search.stop_after=1", "37+45*3")
+    assert "the one speculator trajectory (the first 1 of 4 to finish), scored" in res.stderr, res.stderr
     res = run("run", "--bundle", b, "--max-tokens", "5", "37+45*3")
     assert "; stopped at the token budget (limits.max_tokens); " in res.stderr
 

@@ -122,7 +122,10 @@ def summary(result: RunResult) -> str:
     elif result.strategy == "tree":
         body = f"{steps}: the best leaf of the speculator's tree search, scored by the verifier"
     else:  # best_of_n
-        body = f"{steps}: the best of {len(result.candidates)} speculator trajectories, scored by the verifier"
+        kept, sampled = len(result.candidates), result.details.get("sampled", len(result.candidates))
+        first = f" (the first {kept} of {sampled} to finish)" if kept < sampled else ""
+        what = "the one speculator trajectory" if kept == 1 else f"the best of {kept} speculator trajectories"
+        body = f"{steps}: {what}{first}, scored by the verifier"
     stopped = _STOPPED.get(result.finish)
     return "; ".join([body, *([stopped] if stopped else []), f"{result.seconds * 1e3:.1f} ms"])
 
